@@ -1,0 +1,45 @@
+"""`wsi-llava` command line: a thin dispatcher.
+
+Each sub-command lives in its own module that defines ``add_arguments(parser)`` and
+``main(args) -> int``. Modules are imported lazily so ``wsi-llava --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: name -> (module, one-line help). Add one line per command.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("wsi_llava.train.cli", "Train a stage from a LLaMA-Factory-style YAML config."),
+    "chat": ("wsi_llava.infer.chat", "Ask questions about one slide (multi-turn without --question)."),
+    "predict": ("wsi_llava.infer.predict", "Batch answers for every row of a manifest, as JSONL."),
+    "import": ("wsi_llava.data.import_cli", "Convert WSI-Bench / SlideBench / SlideChat files to a manifest CSV."),
+    "eval": ("wsi_llava.eval.cli", "Score predictions: closed accuracy, BLEU/ROUGE/METEOR, bootstrap CIs, report."),
+    "synth": ("wsi_llava.data.synthetic", "Write a synthetic cohort (H5 slides + manifests)."),
+    "validate": ("wsi_llava.data.validate", "Check manifests and every slide file they use; exit 1 on any problem."),
+    "convert-h5": ("wsi_llava.data.convert", "Rewrite slide H5 files contiguous (fastest reads), optionally float16."),
+    "demo": ("wsi_llava.demo", "Synthetic cohort -> stage 2 -> stage 3 -> evaluation, end to end."),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="wsi-llava", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = argv[0] if argv else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).main(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

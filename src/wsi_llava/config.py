@@ -1,0 +1,299 @@
+"""Training configuration: dataclasses and a YAML loader for the LLaMA-Factory dialect.
+
+A config file is one flat YAML mapping (LLaMA-Factory style). Its keys are split into
+:class:`ModelArguments`, :class:`DataArguments`, :class:`FinetuningArguments` and the Hugging Face
+``TrainingArguments``. Keys that transformers 5 removed are translated (``warmup_ratio`` →
+``warmup_steps`` as a ratio, ``no_cuda`` → ``use_cpu``, ``evaluation_strategy`` → ``eval_strategy``,
+``overwrite_output_dir`` dropped); keys of the original WSI-LLaVA/LLaMA-Factory configs that have no
+effect here are accepted with one warning; any other unknown key is an error with a "did you mean"
+suggestion. ``key=value`` overrides from the command line are applied on top (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data.prompts import DEFAULT_SYSTEM_PROMPT
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration (names the file and key)."""
+
+
+@dataclass
+class ModelArguments:
+    """Which models to build and how the visual path is shaped."""
+
+    llm_name_or_path: str | None = None
+    """Local folder of a Hugging Face causal LM (e.g. Llama-3.2-1B-Instruct). Required unless
+    ``model_name_or_path`` is a saved WSI-LLaVA folder."""
+    model_name_or_path: str | None = None
+    """A saved WSI-LLaVA folder to start from. The seed's placeholder value ``custom_llava`` means
+    "build a new model from ``llm_name_or_path``"."""
+    vision_mode: str = "none"
+    """``none``: tile features enter the projector directly; ``wsi``: the GigaPath slide encoder."""
+    vision_tower: str | None = None
+    """Slide-encoder weights (``slide_encoder.pth``, a state dict or safetensors) for ``vision_mode: wsi``;
+    empty = random init (tests)."""
+    vision_model_name: str = "gigapath"
+    """Name of the slide encoder; only ``gigapath`` exists."""
+    vision_config: dict = field(default_factory=dict)
+    """Overrides of ``SlideEncoderConfig`` fields (e.g. ``in_dim`` for non-GigaPath tile features)."""
+    tower_cache: str | None = None
+    """Folder written by ``wsi-llava encode``: precomputed tower outputs used instead of running the tower."""
+    mm_hidden_size: int | None = None
+    """Width of the tokens entering the projector; default: the tile feature width (``none``) or the
+    encoder width (``wsi``)."""
+    mm_projector_type: str = "mlp2x_gelu"
+    """Projector architecture; only ``mlp2x_gelu``."""
+    mm_vision_select_layer: int = -1
+    """Tower state fed to the projector: -1 = final normalised tokens; i = ``hidden_states[i]``."""
+    image_seq_length: int = 64
+    """Visual tokens per slide chosen by the selector (the budget K)."""
+    use_cls_token: bool = False
+    """Also feed the tower's CLS token (``wsi`` only): the prompt holds K + 1 visual tokens."""
+    vision_feature_select_mode: str = "random_sample"
+    """Token selector: ``none``, ``random_sample``, ``prumerge``, ``prumerge_plus``, ``prompt_topk``."""
+    select_options: dict = field(default_factory=dict)
+    """Selector knobs (``SelectOptions`` fields)."""
+    projector_dropout: float = 0.0
+    """Dropout inside the projector."""
+    gamma_min: float = 1.0
+    """Lower bound of the projector's output scale."""
+    gamma_max: float = 1.0
+    """Upper bound of the projector's output scale."""
+    projector_path: str | None = None
+    """``projector.safetensors`` from stage 2 to start stage 3 from (strict)."""
+    freeze_vision_tower: bool = True
+    """Keep the slide encoder frozen (eval mode, no gradients)."""
+    freeze_language_model: bool = True
+    """With ``finetuning_type: full``: keep the LM frozen (stage 2)."""
+    freeze_multi_modal_projector: bool = False
+    """Keep the projector frozen."""
+    chat_template: str | None = None
+    """A Jinja chat template for tokenizers that have none."""
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    """System message of every prompt (empty = none)."""
+    trust_remote_code: bool = False
+    """Accepted for compatibility; remote code is never executed."""
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how examples are built."""
+
+    dataset: str | None = None
+    """Training manifests: comma-separated paths (CSV or sharegpt JSON) or names in ``dataset_dir``
+    (``NAME.csv``/``NAME.json`` or an entry of ``dataset_info.json``)."""
+    eval_dataset: str | None = None
+    """Evaluation manifests, same form as ``dataset``."""
+    dataset_dir: str = "."
+    """Folder that relative dataset names resolve against (relative paths in a config resolve against
+    the working directory, as in LLaMA-Factory)."""
+    split: str | None = None
+    """Keep only rows whose ``split`` column equals this (training manifests only)."""
+    eval_split: str | None = None
+    """Keep only rows whose ``split`` column equals this (evaluation manifests only)."""
+    patches_per_wsi: int = 2048
+    """Tiles sampled per slide (all when the slide has fewer)."""
+    cutoff_len: int = 2048
+    """Longest example in tokens; answers are truncated, prompts never (too-long prompt = error)."""
+    template: str | None = None
+    """LLaMA-Factory template name; recorded only: the LM tokenizer's own chat template is used."""
+    skip_invalid: bool = False
+    """Skip rows that fail validation (listed in ``OUTPUT/skipped.jsonl``) instead of refusing to train."""
+
+
+@dataclass
+class FinetuningArguments:
+    """What trains."""
+
+    stage: str = "sft"
+    """``sft`` (stages 2 and 3: projector alignment / instruction tuning) or ``contrastive`` (stage 1)."""
+    finetuning_type: str = "lora"
+    """``lora`` (PEFT adapters on the LM + projector), ``full`` (LM trainable unless
+    ``freeze_language_model``) or ``freeze`` (only the last ``freeze_trainable_layers`` LM layers)."""
+    freeze_trainable_layers: int = 2
+    """With ``finetuning_type: freeze``: how many final LM layers train."""
+    lora_target: Any = "all"
+    """LoRA target module names (list or comma string); ``all`` = every Linear of the LM. Projector
+    names (``linear_1``, ``linear_2``) are not wrapped: the projector trains fully instead."""
+    lora_rank: int = 8
+    """LoRA rank."""
+    lora_alpha: int | None = None
+    """LoRA alpha (default 2 × rank)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: learning-rate multiplier of the LoRA B matrices."""
+    create_new_adapter: bool = False
+    """Accepted for compatibility: stage 3 always starts a new adapter."""
+    use_unsloth: bool = False
+    """Not supported; must be false."""
+    do_sanity_check: bool = False
+    """At each evaluation also log ``eval_sanity_check_loss``: the eval loss with zeroed slide features."""
+    plot_loss: bool = False
+    """Write ``training_loss.png`` to the output folder at the end."""
+
+
+#: Keys of the seed/LLaMA-Factory configs that have no effect here (accepted with one warning).
+DEAD_KEYS = {
+    "mm_use_im_patch_token", "mm_use_im_start_end", "mm_vision_select_feature", "mm_patch_merge_type",
+    "image_aspect_ratio", "image_max_pixels", "processor_name_or_path", "use_prefix_lm_mask",
+    "preprocessing_num_workers", "overwrite_cache", "overwrite_output_dir", "ddp_find_unused_parameters_auto",
+}
+
+#: Keys that transformers 5 renamed: old → new (value kept).
+RENAMED_KEYS = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu"}
+
+
+def _training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    training: dict
+    """Keyword arguments for ``transformers.TrainingArguments``."""
+    source: str = "<dict>"
+    """Where the config came from."""
+    base_dir: Path = Path(".")
+    """Folder relative paths resolve against: the working directory, as in LLaMA-Factory."""
+
+    def resolve(self, path: str | None) -> str | None:
+        """A path from the config, made absolute against the config's folder."""
+        if path is None or path == "":
+            return None
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (self.base_dir / p).resolve())
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str | Path = ".") -> TrainConfig:
+    """Split a flat LLaMA-Factory-style mapping into a :class:`TrainConfig` (see module docstring)."""
+    groups = {"model": ModelArguments, "data": DataArguments, "finetuning": FinetuningArguments}
+    names = {g: {f.name for f in dataclasses.fields(c)} for g, c in groups.items()}
+    train_names = _training_argument_names()
+    values: dict[str, dict] = {g: {} for g in groups}
+    training: dict[str, Any] = {}
+    dead, unknown = [], []
+    raw = dict(raw)
+    if "warmup_ratio" in raw:
+        ratio = raw.pop("warmup_ratio")
+        if "warmup_steps" not in raw and ratio:
+            if not 0 <= float(ratio) < 1:
+                raise ConfigError(f"{source}: warmup_ratio must be in [0, 1), got {ratio}")
+            raw["warmup_steps"] = float(ratio)
+    for old, new in RENAMED_KEYS.items():
+        if old in raw:
+            raw.setdefault(new, raw.pop(old))
+    if raw.get("model_name_or_path") == "custom_llava":
+        raw.pop("model_name_or_path")
+    for key, value in raw.items():
+        group = next((g for g, n in names.items() if key in n), None)
+        if group is not None:
+            values[group][key] = value
+        elif key in train_names:
+            training[key] = value
+        elif key in DEAD_KEYS:
+            dead.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        known = set().union(*names.values(), train_names, DEAD_KEYS, RENAMED_KEYS, {"warmup_ratio"})
+        msgs = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            msgs.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown config key(s): {', '.join(msgs)}")
+    if dead:
+        logger.warning("%s: ignoring keys that have no effect in WSI-LLaVA: %s", source, ", ".join(sorted(dead)))
+    cfg = TrainConfig(ModelArguments(**values["model"]), DataArguments(**values["data"]),
+                      FinetuningArguments(**values["finetuning"]), training, source, Path(base_dir).resolve())
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Cross-field checks with messages that name the key."""
+    m, f = cfg.model, cfg.finetuning
+    where = cfg.source
+    if f.stage not in ("sft", "contrastive"):
+        raise ConfigError(f"{where}: stage {f.stage!r} is not supported; use 'sft' or 'contrastive'")
+    if f.finetuning_type not in ("lora", "full", "freeze"):
+        raise ConfigError(f"{where}: finetuning_type {f.finetuning_type!r}; use lora, full or freeze")
+    if f.use_unsloth:
+        raise ConfigError(f"{where}: use_unsloth: true is not supported; set it to false")
+    if m.vision_model_name != "gigapath":
+        raise ConfigError(f"{where}: vision_model_name {m.vision_model_name!r}; only 'gigapath' is available")
+    if m.vision_mode not in ("none", "wsi"):
+        raise ConfigError(f"{where}: vision_mode {m.vision_mode!r}; use 'none' or 'wsi' ('wsi' = GigaPath slide encoder)")
+    if f.stage == "sft" and not (m.llm_name_or_path or m.model_name_or_path):
+        raise ConfigError(f"{where}: set llm_name_or_path (a local folder with a causal LM)")
+    if cfg.data.dataset is None:
+        raise ConfigError(f"{where}: set dataset (a manifest path or name)")
+    if "output_dir" not in cfg.training:
+        raise ConfigError(f"{where}: set output_dir")
+
+
+def load_config(path: str | Path, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Read a YAML config file (+ ``key=value`` overrides) into a :class:`TrainConfig`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    if overrides:
+        raw.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return config_from_dict(raw, source=str(path), base_dir=Path.cwd())
+
+
+def config_reference() -> str:
+    """Markdown table of every config key with its default and documentation (for the README)."""
+    import ast
+    import inspect
+
+    lines = []
+    for cls in (ModelArguments, DataArguments, FinetuningArguments):
+        src = inspect.getsource(cls)
+        docs: dict[str, str] = {}
+        body = ast.parse(src).body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+        lines += [f"### {cls.__name__}", "", cls.__doc__.strip(), "", "| key | default | meaning |", "|---|---|---|"]
+        for fl in dataclasses.fields(cls):
+            default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
+            lines.append(f"| `{fl.name}` | `{default!r}` | {docs.get(fl.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)

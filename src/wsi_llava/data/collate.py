@@ -1,0 +1,72 @@
+"""Batching: pad text and tiles, build masks.
+
+Each item is a dict with ``input_ids`` [T], ``labels`` [T], ``question_mask`` [T] (lists or 1-D
+tensors) and ``features`` [N, D], ``coords`` [N, 2] (numpy or tensors). The batch holds
+``input_ids``/``labels``/``attention_mask``/``question_mask`` [B, T] and ``features`` [B, N, D],
+``coords`` [B, N, 2], ``tile_mask`` [B, N] (True = real tile; padded tiles are zeros and False).
+Optional ``tile_index`` [N] (int) is padded with -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .prompts import IGNORE_INDEX
+
+
+def _pad_1d(seqs: list[torch.Tensor], value, side: str) -> torch.Tensor:
+    """Stack 1-D tensors [T_i] into [B, max T] padded with ``value`` on ``side``."""
+    t = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), t), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            out[i, : len(s)] = s
+        else:
+            out[i, t - len(s):] = s
+    return out
+
+
+def pad_tiles(features: list[torch.Tensor], coords: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad per-slide tiles: features [N_i, D], coords [N_i, 2] → [B, N, D], [B, N, 2], mask [B, N]."""
+    b, n, d = len(features), max(len(f) for f in features), features[0].shape[-1]
+    feats = torch.zeros((b, n, d), dtype=features[0].dtype)
+    xy = torch.zeros((b, n, 2), dtype=torch.float32)
+    mask = torch.zeros((b, n), dtype=torch.bool)
+    for i, (f, c) in enumerate(zip(features, coords)):
+        feats[i, : len(f)] = f
+        xy[i, : len(c)] = c.float()
+        mask[i, : len(f)] = True
+    return feats, xy, mask
+
+
+def _tensor(x, dtype=None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x if dtype is None else x.to(dtype)
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return t if dtype is None else t.to(dtype)
+    return torch.tensor(x, dtype=dtype)
+
+
+@dataclass
+class SlideCollator:
+    """Collate function for ``DataLoader``/HF ``Trainer``; ``padding_side='left'`` for generation."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [_tensor(it["input_ids"], torch.long) for it in items]
+        batch = {
+            "input_ids": _pad_1d(ids, self.pad_token_id, self.padding_side),
+            "attention_mask": _pad_1d([torch.ones(len(i), dtype=torch.long) for i in ids], 0, self.padding_side),
+            "question_mask": _pad_1d([_tensor(it["question_mask"], torch.bool) for it in items], False, self.padding_side),
+        }
+        if "labels" in items[0]:
+            batch["labels"] = _pad_1d([_tensor(it["labels"], torch.long) for it in items], IGNORE_INDEX, self.padding_side)
+        feats = [_tensor(it["features"], torch.float32) for it in items]
+        batch["features"], batch["coords"], batch["tile_mask"] = pad_tiles(feats, [_tensor(it["coords"]) for it in items])
+        return batch

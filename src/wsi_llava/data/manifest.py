@@ -1,0 +1,532 @@
+"""Manifests → validated :class:`Record` rows.
+
+Two input formats (DESIGN.md §2):
+
+* **CSV** with required columns ``h5_path, caption, question, answer, slide_id, dataset`` and
+  optional ``choices, split, case_id, category``. ``row`` is the CSV line number with the header on
+  line 1 (a quoted field spanning lines counts from the line the record starts on).
+* **LLaMA-Factory sharegpt JSON** (``.json`` list or ``.jsonl``, one object per line): each item has
+  ``messages`` (``role``/``content``) or ``conversations`` (``from``/``value``) and ``images`` (one H5
+  path). Every user → assistant pair becomes one record; ``row`` is the item number (``.json``,
+  1-based, so 0 can mean "the whole file") or the line number (``.jsonl``).
+
+:func:`read_manifest` is lenient: it returns the good records *and* a :class:`Problem` for every bad
+row (``wsi-llava validate`` and ``skip_invalid`` training use it). :func:`load_manifest` is strict:
+any problem raises :class:`ManifestError` naming file, row and field.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import os
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REQUIRED_COLUMNS = ("h5_path", "caption", "question", "answer", "slide_id", "dataset")
+OPTIONAL_COLUMNS = ("choices", "split", "case_id", "category")
+LETTERS = string.ascii_uppercase
+
+
+class ManifestError(ValueError):
+    """A manifest cannot be used; the message names the file, the row and the field."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one manifest row (or with the file it points to)."""
+
+    source: str
+    """Manifest path the row came from."""
+    row: int
+    """CSV line number (header = 1), JSONL line number, or JSON item number (1-based); 0 = the whole file."""
+    field: str
+    """Column / key the problem is about (``h5_path`` for slide-file problems)."""
+    message: str
+    """What is wrong, naming the H5 file where one is involved."""
+
+    def format(self) -> str:
+        """``train.csv line 7 [answer]: message`` — one line, ready to print."""
+        where = _where(self.source, self.row)
+        return f"{where} [{self.field}]: {self.message}"
+
+
+def _where(source: str, row: int) -> str:
+    if row <= 0:
+        return source
+    unit = "item" if source.lower().endswith(".json") else "line"
+    return f"{source} {unit} {row}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One supervised turn: a slide plus its question/answer or report."""
+
+    h5_path: str
+    """Absolute path of the slide's H5 file (relative paths resolve against the manifest's folder)."""
+    slide_id: str
+    """Slide identifier (CSV column; for sharegpt JSON the H5 file's stem unless given)."""
+    dataset: str
+    """Dataset / cohort name as written."""
+    question: str
+    """Question text; "" for caption-only (report) rows."""
+    answer: str
+    """Answer as written in the file; "" for caption-only rows."""
+    caption: str
+    """Slide report / caption; "" if none."""
+    choices: tuple[str, ...] | None
+    """Multiple-choice options in order (A, B, …); None when absent or empty."""
+    split: str | None
+    """Split label from the ``split`` column; None if the column is absent or empty."""
+    case_id: str | None
+    """Patient / case identifier (for grouped splits); None if absent."""
+    category: str | None
+    """Free category label (for per-category metrics); None if absent."""
+    source: str
+    """Manifest path this record came from."""
+    row: int
+    """CSV line number (header = 1), JSONL line number, or JSON item number (1-based)."""
+
+    @property
+    def kind(self) -> str:
+        """``"mc"`` (has choices), ``"vqa"`` (question + answer) or ``"report"`` (caption only)."""
+        if self.choices:
+            return "mc"
+        if self.question:
+            return "vqa"
+        return "report"
+
+    @property
+    def where(self) -> str:
+        """Human-readable location, e.g. ``train.csv line 7``."""
+        return _where(self.source, self.row)
+
+
+# --------------------------------------------------------------------------- multiple choice
+
+
+def _norm_text(text: str) -> str:
+    """Case-, space- and punctuation-insensitive form of an option text."""
+    text = text.casefold()
+    text = "".join(" " if (ch in string.punctuation or ch.isspace()) else ch for ch in text)
+    return " ".join(text.split())
+
+
+_LETTER_ONLY = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)?\s*[.:)]?\s*$")
+_LETTER_TEXT = re.compile(r"^\s*\(?\s*([A-Za-z])\s*(?:\)|\.|:)\s*(\S.*)$", re.S)
+
+
+def choice_letter(answer: str, choices: Sequence[str]) -> str | None:
+    """Normalise a multiple-choice answer to its option letter.
+
+    Accepts ``"B"``, ``"b"``, ``"B)"``, ``"(B)"``, ``"B."``, ``"B. text"`` / ``"B) text"`` and the
+    option text itself (case/space/punctuation-insensitive). Returns None when nothing matches or the
+    answer is ambiguous (two options with the same text; a letter whose trailing text names a
+    *different* option). An answer equal to an option's text wins over a letter reading, so an
+    option literally called ``"b"`` is matched as text.
+    """
+    if not choices or answer is None:
+        return None
+    n = min(len(choices), len(LETTERS))
+    norm_choices = [_norm_text(str(c)) for c in choices[:n]]
+    norm_answer = _norm_text(answer)
+
+    def by_text(text: str) -> str | None:
+        hits = [i for i, c in enumerate(norm_choices) if c and c == text]
+        return LETTERS[hits[0]] if len(hits) == 1 else None
+
+    def ambiguous_text(text: str) -> bool:
+        return sum(1 for c in norm_choices if c and c == text) > 1
+
+    if norm_answer:
+        hit = by_text(norm_answer)
+        if hit is not None:
+            return hit
+        if ambiguous_text(norm_answer):
+            return None
+    m = _LETTER_ONLY.match(answer)
+    if m:
+        letter = m.group(1).upper()
+        return letter if LETTERS.index(letter) < n else None
+    m = _LETTER_TEXT.match(answer)
+    if m:
+        letter = m.group(1).upper()
+        if LETTERS.index(letter) >= n:
+            return None
+        rest = _norm_text(m.group(2))
+        named = by_text(rest)
+        if named is None and not ambiguous_text(rest):
+            return letter  # explicit letter, free text after it
+        return letter if named == letter else None
+    return None
+
+
+def option_lines(choices: Sequence[str]) -> str:
+    """``"A) first\\nB) second\\n…"`` — the option block shown in multiple-choice prompts."""
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} choices are supported, got {len(choices)}")
+    return "\n".join(f"{LETTERS[i]}) {str(c).strip()}" for i, c in enumerate(choices))
+
+
+def parse_choices(text: str) -> tuple[str, ...] | None:
+    """Parse a ``choices`` cell: a JSON list or a Python-literal list/tuple of strings.
+
+    Empty cell or empty list → None. Raises ValueError with a short reason otherwise.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ValueError(
+                f"cannot parse {text[:60]!r} as a JSON or Python list of strings"
+            ) from None
+    return _choices_tuple(value)
+
+
+def _choices_tuple(value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list of option strings, got {type(value).__name__}")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ValueError(f"option {i} is {type(v).__name__}, expected text")
+        s = str(v).strip()
+        if not s:
+            raise ValueError(f"option {i} is empty")
+        out.append(s)
+    if len(out) > len(LETTERS):
+        raise ValueError(f"{len(out)} options; at most {len(LETTERS)} are supported")
+    if len(out) == 1:
+        raise ValueError("only one option; a multiple-choice row needs at least two")
+    return tuple(out) or None
+
+
+# --------------------------------------------------------------------------- row semantics
+
+
+def record_problems(rec: Record) -> list[tuple[str, str]]:
+    """Content checks of one record → ``[(field, message)]`` (empty when the row is usable)."""
+    out: list[tuple[str, str]] = []
+    if not rec.h5_path:
+        out.append(("h5_path", "empty; every row needs a slide H5 file"))
+    if not rec.slide_id:
+        out.append(("slide_id", "empty"))
+    if rec.question and not rec.answer:
+        out.append(("answer", "question has no answer"))
+    if not rec.question and not rec.caption:
+        if rec.answer:
+            out.append(("question", "answer given without a question"))
+        else:
+            out.append(("question", "empty question and empty caption; nothing to train on"))
+    if rec.choices:
+        if not rec.question:
+            out.append(("question", "choices given without a question"))
+        elif rec.answer and choice_letter(rec.answer, rec.choices) is None:
+            opts = ", ".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(rec.choices))
+            out.append(("answer", f"{rec.answer!r} is not among the choices ({opts})"))
+    return out
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_manifest(path: str | os.PathLike, split: str | None = None) -> tuple[list[Record], list[Problem]]:
+    """Read a manifest leniently: ``(good records, problems)``.
+
+    File-level problems (unreadable file, missing columns, bad encoding, bad JSON) come back as a
+    single Problem with ``row=0`` and no records. ``split`` keeps only rows whose ``split`` equals it
+    (this manifest only; rows of other splits are neither returned nor checked). When the file has
+    no split values at all, every row is kept: the file itself is the split.
+    """
+    path = os.fspath(path)
+    source = path
+    if not os.path.isfile(path):
+        return [], [Problem(source, 0, "path", f"manifest not found: {path}")]
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        return [], [Problem(source, 0, "path", f"cannot read manifest: {e}")]
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        recs, probs, _ = _read_csv(raw, source, split)
+    elif suffix in (".json", ".jsonl"):
+        recs, probs, _ = _read_sharegpt(raw, source, split, jsonl=suffix == ".jsonl")
+    else:
+        return [], [Problem(source, 0, "path", f"unknown manifest type {suffix!r}; use .csv, .json or .jsonl")]
+    return recs, probs
+
+
+def load_manifest(path: str | os.PathLike, split: str | None = None) -> list[Record]:
+    """Read a manifest strictly: every row must be valid, else :class:`ManifestError`.
+
+    The error lists every problem (file, row, field). With ``split`` only rows of that split are
+    returned (and checked); asking for a split with no rows is an error naming the splits present.
+    """
+    path = os.fspath(path)
+    records, problems = read_manifest(path, split)
+    if problems:
+        head = "\n  ".join(p.format() for p in problems[:50])
+        more = f"\n  … and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise ManifestError(
+            f"{path}: {len(problems)} problem(s) (run `wsi-llava validate` for all checks):\n  {head}{more}"
+        )
+    if not records:
+        if split is not None:
+            present = sorted(manifest_splits(path))
+            raise ManifestError(
+                f"{path}: no rows with split={split!r} "
+                f"(splits present: {', '.join(present) if present else 'none; the file has no split values'})"
+            )
+        raise ManifestError(f"{path}: no rows")
+    return records
+
+
+def manifest_splits(path: str | os.PathLike) -> set[str]:
+    """The distinct non-empty ``split`` values of a manifest (valid rows only)."""
+    path = os.fspath(path)
+    raw = Path(path).read_bytes()
+    if Path(path).suffix.lower() == ".csv":
+        return _read_csv(raw, path, None)[2]
+    return _read_sharegpt(raw, path, None, jsonl=path.lower().endswith(".jsonl"))[2]
+
+
+def _resolve(h5: str, base: Path) -> str:
+    h5 = h5.strip()
+    if not h5:
+        return ""
+    p = Path(os.path.expanduser(h5))
+    if not p.is_absolute():
+        p = base / p
+    return os.path.abspath(p)
+
+
+def _decode(raw: bytes, source: str) -> tuple[str | None, Problem | None]:
+    try:
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        bad = raw[e.start : e.start + 4]
+        return None, Problem(
+            source,
+            line,
+            "encoding",
+            f"not UTF-8: byte {bad[:1]!r} at line {line}, column {col}; re-save the file as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`)",
+        )
+
+
+def _opt(value: str | None) -> str | None:
+    value = (value or "").strip()
+    return value or None
+
+
+def _read_csv(raw: bytes, source: str, split: str | None) -> tuple[list[Record], list[Problem], set[str]]:
+    text, prob = _decode(raw, source)
+    if prob:
+        return [], [prob], set()
+    base = Path(source).resolve().parent
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return [], [Problem(source, 0, "header", "empty file; expected a header row")], set()
+    except csv.Error as e:
+        return [], [Problem(source, 1, "header", f"malformed CSV: {e}")], set()
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        return [], [
+            Problem(
+                source,
+                1,
+                c,
+                f"required column {c!r} missing (header has: {', '.join(header) or 'nothing'})",
+            )
+            for c in missing
+        ], set()
+    dupes = sorted({h for h in header if h and header.count(h) > 1})
+    if dupes:
+        return [], [Problem(source, 1, dupes[0], f"column {dupes[0]!r} appears more than once in the header")], set()
+    col = {h: i for i, h in enumerate(header)}
+    rows = _Rows(split)
+    prev_end = reader.line_num
+    while True:
+        start = prev_end + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            rows.add(None, None, [Problem(source, start, "csv", f"malformed CSV: {e}")])
+            break
+        prev_end = reader.line_num
+        if not values or all(not v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            rows.add(None, None, [
+                Problem(source, start, "csv", f"{len(values)} fields but the header has {len(header)}")
+            ])
+            continue
+
+        def get(name: str) -> str:
+            i = col.get(name)
+            return values[i] if i is not None else ""
+
+        split = _opt(get("split"))
+        row_probs: list[tuple[str, str]] = []
+        try:
+            choices = parse_choices(get("choices"))
+        except ValueError as e:
+            choices = None
+            row_probs.append(("choices", str(e)))
+        h5 = get("h5_path").strip()
+        rec = Record(
+            h5_path=_resolve(h5, base),
+            slide_id=get("slide_id").strip(),
+            dataset=get("dataset").strip(),
+            question=get("question").strip(),
+            answer=get("answer").strip(),
+            caption=get("caption").strip(),
+            choices=choices,
+            split=split,
+            case_id=_opt(get("case_id")),
+            category=_opt(get("category")),
+            source=source,
+            row=start,
+        )
+        row_probs += record_problems(rec)
+        rows.add(split, rec, [Problem(source, start, f, m) for f, m in row_probs])
+    return rows.result()
+
+
+_ROLE = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "system": "system", "function_call": "other", "observation": "other", "tool": "other"}
+
+
+def _read_sharegpt(
+    raw: bytes, source: str, split: str | None, jsonl: bool
+) -> tuple[list[Record], list[Problem], set[str]]:
+    text, prob = _decode(raw, source)
+    if prob:
+        return [], [prob], set()
+    items: list[tuple[int, object]] = []
+    rows = _Rows(split)
+    if jsonl:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.add(None, None, [Problem(source, lineno, "json", f"invalid JSON: {e.msg} (column {e.colno})")])
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            return [], [Problem(source, 0, "json", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")], set()
+        if not isinstance(data, list):
+            return [], [Problem(source, 0, "json", f"expected a list of conversations, got {type(data).__name__}")], set()
+        items = list(enumerate(data, start=1))
+    base = Path(source).resolve().parent
+    for row, item in items:
+        if not isinstance(item, dict):
+            rows.add(None, None, [Problem(source, row, "json", f"expected an object, got {type(item).__name__}")])
+            continue
+        row_split = _opt(str(item["split"])) if item.get("split") is not None else None
+
+        def bad(field: str, msg: str) -> None:
+            rows.add(row_split, None, [Problem(source, row, field, msg)])
+
+        images = item.get("images")
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
+            bad("images", f"expected exactly one H5 path in `images`, got {images!r}"[:200])
+            continue
+        key, role_key, text_key = "messages", "role", "content"
+        if key not in item and "conversations" in item:
+            key, role_key, text_key = "conversations", "from", "value"
+        msgs = item.get(key)
+        if not isinstance(msgs, list) or not msgs:
+            bad("messages", "missing or empty `messages` (or `conversations`) list")
+            continue
+        try:
+            choices = _choices_tuple(item.get("choices")) if item.get("choices") else None
+        except ValueError as e:
+            bad("choices", str(e))
+            continue
+        h5 = _resolve(images[0], base)
+        slide_id = str(item.get("slide_id") or Path(images[0]).stem)
+        pairs: list[tuple[str, str]] = []
+        pending: str | None = None
+        ok = True
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get(text_key), str):
+                bad(f"{key}[{j}]", f"expected {{{role_key!r}: …, {text_key!r}: text}}")
+                ok = False
+                break
+            role = _ROLE.get(str(m.get(role_key)))
+            if role is None:
+                bad(f"{key}[{j}]", f"unknown role {m.get(role_key)!r}")
+                ok = False
+                break
+            if role == "user":
+                pending = m[text_key].replace("<image>", "").strip()
+            elif role == "assistant":
+                if pending is None:
+                    bad(f"{key}[{j}]", "assistant message without a preceding user message")
+                    ok = False
+                    break
+                pairs.append((pending, m[text_key].strip()))
+                pending = None
+        if not ok:
+            continue
+        if not pairs:
+            bad(key, "no user → assistant pair")
+            continue
+        for q, a in pairs:
+            rec = Record(
+                h5_path=h5, slide_id=slide_id, dataset=str(item.get("dataset") or ""),
+                question=q, answer=a, caption=str(item.get("caption") or "").strip(),
+                choices=choices, split=row_split,
+                case_id=_opt(str(item["case_id"])) if item.get("case_id") is not None else None,
+                category=_opt(str(item["category"])) if item.get("category") is not None else None,
+                source=source, row=row,
+            )
+            rows.add(row_split, rec, [Problem(source, row, f, msg) for f, msg in record_problems(rec)])
+    return rows.result()
+
+
+class _Rows:
+    """Collects (split, record, problems) per row; applies the split filter at the end, because
+    "no split values in the whole file" (→ keep every row) is only known after the last row."""
+
+    def __init__(self, split: str | None):
+        self.split = split
+        self.rows: list[tuple[str | None, Record | None, list[Problem]]] = []
+
+    def add(self, split: str | None, rec: Record | None, problems: list[Problem]) -> None:
+        self.rows.append((split, None if problems else rec, problems))
+
+    def result(self) -> tuple[list[Record], list[Problem], set[str]]:
+        present = {s for s, _, _ in self.rows if s is not None}
+        keep = self.rows
+        if self.split is not None and present:
+            # rows of the split, plus broken rows whose split could not be read (reported, not dropped)
+            keep = [r for r in self.rows if r[0] == self.split or (r[0] is None and r[2])]
+        records = [rec for _, rec, _ in keep if rec is not None]
+        problems = [p for _, _, probs in keep for p in probs]
+        return records, problems, present

@@ -1,0 +1,660 @@
+"""Slide H5 files → tile features and (x, y) coordinates, sampled fast and checked.
+
+File format (DESIGN.md §2): ``features`` [N, D] float16/float32 plus ``coords_yx`` [N, 2] (y, x) or
+``coords`` [N, 2] (x, y), level-0 pixels. Coordinates always come out as **(x, y)**.
+
+Reading is chosen per dataset layout so that sampling ``k`` of ``N`` tiles costs about ``k`` rows of
+I/O, never ``N``:
+
+* **contiguous** (``convert-h5`` output, h5py default): each row is read straight from its byte
+  address ``offset + i · row_bytes`` (``dset.id.get_offset()``), with ``os.preadv`` — one system call
+  per run of adjacent rows, each row landing directly at its output position (no page faults, no
+  intermediate copy); small datasets such as coordinates are read as one span;
+* **chunked, uncompressed** (CLAM (32, D), TRIDENT (1, D)): the byte address of every needed chunk
+  from one walk of the chunk index (``H5Dchunk_iter``), then rows read as above. When the index
+  holds far more chunks than the sample touches (TRIDENT's one chunk per row), the needed chunks
+  are read one by one instead (``H5Dread_chunk``, straight into the output row);
+* **chunked, compressed** (gzip, lzf, …): the needed chunks are read as chunk-aligned runs through
+  HDF5 (each chunk decompressed once); the chunk cache holds at least one chunk row;
+* anything else (compact, virtual, external storage): h5py with a sorted index.
+
+Every fast path re-reads one sampled row through h5py and compares bytes; a mismatch falls back to
+the plain h5py read (correct, slow) with a warning. See docs/data.md for the sampling guarantees.
+
+Files are opened per call and closed before returning, so nothing h5py crosses a fork and
+:class:`Slide` pickles (spawned DataLoader workers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+FEATURES_KEY = "features"
+#: coordinate dataset names, in order of preference, and whether they are stored (y, x)
+COORD_KEYS: tuple[tuple[str, bool], ...] = (("coords_yx", True), ("coords", False))
+#: coordinates at or beyond this many level-0 pixels are rejected (2**24: float32 stays exact; the
+#: largest scanned slides are ~2·10^5 px wide)
+MAX_COORD = 2**24
+#: HDF5 chunk cache per open file; large enough for a chunk row of any realistic layout
+CHUNK_CACHE_BYTES = 64 * 2**20
+#: relative cost of one ``H5Dread_chunk`` lookup vs. visiting one chunk in ``H5Dchunk_iter``
+#: (measured ≈ 12 µs vs ≈ 0.8 µs)
+_LOOKUP_VS_ITER = 15.0
+#: uniform ("exact seed distribution") or whole-chunk cluster sampling on compressed files
+SAMPLING_MODES = ("uniform", "chunks")
+
+
+class SlideError(ValueError):
+    """A slide file cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Slide:
+    """Tiles of one slide, in spatial (row-major: y, then x) order."""
+
+    features: np.ndarray
+    """[N, D] float32 tile features (N ≤ patches_per_wsi)."""
+    coords: np.ndarray
+    """[N, 2] float32 (x, y) level-0 pixel coordinates of each tile's top-left corner."""
+    path: str
+    """The H5 file the tiles came from."""
+    n_total: int
+    """Tiles in the file before sampling."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a full check of a slide file found (see :func:`scan_slide`)."""
+
+    path: str
+    """The H5 file."""
+    n: int
+    """Number of tiles N."""
+    dim: int
+    """Feature width D."""
+    dtype: str
+    """Stored feature dtype (``float16`` / ``float32``)."""
+    coords_key: str
+    """Coordinate dataset used (``coords_yx`` or ``coords``)."""
+    layout: str
+    """Storage of ``features``, e.g. ``contiguous``, ``chunked(32, 1536)``, ``chunked(1, 1536)+gzip``."""
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sample_indices(
+    n: int, k: int | None, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Row indices to read: sorted, unique, int64.
+
+    ``k`` None or ``n <= k``: all rows. With ``rng``: ``k`` rows uniformly without replacement
+    (every ``k``-subset equally likely — the seed's distribution). Without ``rng``: deterministic
+    systematic sample ``floor((i + 0.5) · n / k)``, ``i < k`` — evenly spread over the file order and
+    identical on every call, machine and numpy version.
+    """
+    if k is not None and k <= 0:
+        raise ValueError(f"patches_per_wsi must be positive, got {k}")
+    if k is None or n <= k:
+        return np.arange(n, dtype=np.int64)
+    if rng is None:
+        return ((np.arange(k, dtype=np.float64) + 0.5) * (n / k)).astype(np.int64)
+    return np.sort(rng.choice(n, size=k, replace=False, shuffle=False).astype(np.int64))
+
+
+def sample_chunk_indices(
+    n: int, k: int | None, chunk_rows: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Cluster sample: whole storage chunks of ``chunk_rows`` consecutive rows.
+
+    Chunks are drawn uniformly without replacement (evenly spaced without ``rng``) until they hold
+    at least ``k`` rows; if they hold more, ``k`` of those rows are kept uniformly (the first ``k``
+    in file order without ``rng``). Sorted, unique int64.
+    """
+    if k is None or n <= k or chunk_rows <= 1:
+        return sample_indices(n, k, rng)
+    n_chunks = math.ceil(n / chunk_rows)
+    if rng is None:
+        need = math.ceil(k / chunk_rows)
+        spread = ((np.arange(need, dtype=np.float64) + 0.5) * (n_chunks / need)).astype(np.int64)
+        rest = np.setdiff1d(np.arange(n_chunks), spread)  # used only if a short tail chunk was picked
+        order = np.concatenate([spread, rest])
+    else:
+        order = rng.permutation(n_chunks)
+    sizes = np.minimum(chunk_rows, n - order * chunk_rows)
+    take = int(np.searchsorted(np.cumsum(sizes), k)) + 1
+    chosen = np.sort(order[:take])
+    rows = (chosen[:, None] * chunk_rows + np.arange(chunk_rows)[None, :]).ravel()
+    rows = rows[rows < n]
+    if len(rows) > k:
+        rows = rows[:k] if rng is None else np.sort(rng.choice(rows, size=k, replace=False))
+    return rows.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- opening and checks
+
+
+def _check_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise SlideError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise SlideError(f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise SlideError(f"{path}: zero-byte file (an interrupted copy or feature extraction?)")
+    try:
+        ok = h5py.is_hdf5(path)
+    except OSError as e:
+        raise SlideError(f"{path}: cannot read file ({e})") from None
+    if not ok:
+        raise SlideError(f"{path}: not an HDF5 file (no HDF5 signature)")
+
+
+def _open(path: str) -> h5py.File:
+    _check_path(path)
+    try:
+        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007)
+    except OSError as e:
+        msg = str(e)
+        if "truncated" in msg:
+            raise SlideError(f"{path}: truncated HDF5 file ({msg})") from None
+        raise SlideError(f"{path}: corrupt or unreadable HDF5 file ({msg})") from None
+
+
+def _filters(dset: h5py.Dataset) -> list[tuple[int, str]]:
+    pl = dset.id.get_create_plist()
+    out = []
+    for i in range(pl.get_nfilters()):
+        code, _flags, _vals, name = pl.get_filter(i)
+        out.append((int(code), name.decode(errors="replace") if isinstance(name, bytes) else str(name)))
+    return out
+
+
+def _check_filters(path: str, key: str, dset: h5py.Dataset) -> None:
+    for code, name in _filters(dset):
+        if not h5py.h5z.filter_avail(code):
+            raise SlideError(
+                f"{path}: `{key}` uses compression filter {code} ({name or 'unnamed'}) that this "
+                "HDF5/h5py build cannot decode; install its plugin (e.g. `pip install hdf5plugin` and "
+                "`import hdf5plugin`) or rewrite the file uncompressed with `h5repack`"
+            )
+
+
+def _datasets(
+    f: h5py.File, path: str, allow_float64: bool = False
+) -> tuple[h5py.Dataset, h5py.Dataset, str, bool]:
+    """Find and shape-check ``features`` and the coordinate dataset → ``(features, coords,
+    coords_key, coords_are_yx)``. No tile data is read. ``allow_float64``: for ``convert-h5``."""
+    feats = f.get(FEATURES_KEY)
+    if not isinstance(feats, h5py.Dataset):
+        keys = ", ".join(sorted(f.keys())) or "nothing"
+        raise SlideError(f"{path}: no `{FEATURES_KEY}` dataset (file has: {keys})")
+    coords_key, yx, coords = None, False, None
+    for key, is_yx in COORD_KEYS:
+        coords = f.get(key)
+        if isinstance(coords, h5py.Dataset):
+            coords_key, yx = key, is_yx
+            break
+    if coords_key is None:
+        keys = ", ".join(sorted(f.keys()))
+        raise SlideError(
+            f"{path}: no coordinates: expected `coords_yx` [N, 2] (y, x) or `coords` [N, 2] (x, y) "
+            f"(file has: {keys})"
+        )
+    if feats.ndim != 2:
+        raise SlideError(
+            f"{path}: `{FEATURES_KEY}` is {feats.ndim}-D with shape {feats.shape}; expected [N, D]"
+        )
+    n = feats.shape[0]
+    if n == 0:
+        raise SlideError(f"{path}: slide has no tiles (N = 0, e.g. TRIDENT's output for an empty slide)")
+    if feats.shape[1] == 0:
+        raise SlideError(f"{path}: `{FEATURES_KEY}` has width D = 0")
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise SlideError(f"{path}: `{coords_key}` has shape {coords.shape}; expected [N, 2]")
+    if coords.shape[0] != n:
+        raise SlideError(
+            f"{path}: length mismatch: `{FEATURES_KEY}` has {n} rows but `{coords_key}` has {coords.shape[0]}"
+        )
+    dt = feats.dtype
+    if dt.kind != "f":
+        raise SlideError(f"{path}: `{FEATURES_KEY}` dtype is {dt}; expected float16 or float32")
+    if dt.itemsize not in (2, 4) and not (allow_float64 and dt.itemsize == 8):
+        raise SlideError(
+            f"{path}: `{FEATURES_KEY}` dtype is {dt}; expected float16 or float32 "
+            "(rewrite with `wsi-llava convert-h5`, which stores float32, or --float16)"
+        )
+    if coords.dtype.kind not in "iuf":
+        raise SlideError(f"{path}: `{coords_key}` dtype is {coords.dtype}; expected numbers")
+    _check_filters(path, FEATURES_KEY, feats)
+    _check_filters(path, coords_key, coords)
+    return feats, coords, coords_key, yx
+
+
+def read_slide_meta(path: str | os.PathLike) -> tuple[int, int]:
+    """``(N, D)`` of a slide file without reading features (structure is checked)."""
+    path = os.fspath(path)
+    with _open(path) as f:
+        feats, _, _, _ = _datasets(f, path)
+        return int(feats.shape[0]), int(feats.shape[1])
+
+
+def _check_dim(path: str, d: int, expected_dim: int | None) -> None:
+    if expected_dim is not None and d != expected_dim:
+        raise SlideError(f"{path}: feature width D = {d}, expected {expected_dim}")
+
+
+def _check_features(path: str, feats: np.ndarray, rows: np.ndarray) -> None:
+    """No NaN/Inf among the tiles read; ``rows[r]`` is the file row of ``feats[r]``."""
+    if np.isfinite(feats).all():
+        return
+    bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+    kind = "NaN" if np.isnan(feats[bad[0]]).any() else "Inf"
+    raise SlideError(
+        f"{path}: `{FEATURES_KEY}` contains {kind} (file row {int(rows[bad[0]])}; "
+        f"{len(bad)} bad row(s) among the {len(feats)} read)"
+    )
+
+
+def _check_coords(path: str, coords: np.ndarray, rows: np.ndarray, coords_key: str) -> None:
+    """Coordinates finite and within ``0 ≤ value < MAX_COORD`` (as stored, before any swap)."""
+    checks = [(coords < 0, "negative"), (coords >= MAX_COORD, "implausibly large")]
+    if coords.dtype.kind == "f":
+        checks.insert(0, (~np.isfinite(coords), "NaN/Inf"))
+    for bad, what in checks:
+        if bad.any():
+            p = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise SlideError(
+                f"{path}: `{coords_key}` has {what} coordinates (file row {int(rows[p])}: "
+                f"{coords[p].tolist()}; allowed 0 ≤ value < {MAX_COORD} px)"
+            )
+
+
+# --------------------------------------------------------------------------- layout-aware row reads
+
+
+def describe_layout(dset: h5py.Dataset) -> str:
+    """``contiguous``, ``chunked(32, 1536)``, ``chunked(1, 1536)+gzip``, ``compact``, …"""
+    pl = dset.id.get_create_plist()
+    layout = pl.get_layout()
+    if pl.get_external_count() > 0:
+        return "external"
+    if layout == h5py.h5d.CONTIGUOUS:
+        return "contiguous"
+    if layout == h5py.h5d.CHUNKED:
+        names = "+".join(name or str(code) for code, name in _filters(dset))
+        return f"chunked{tuple(dset.chunks)}" + (f"+{names}" if names else "")
+    if layout == h5py.h5d.COMPACT:
+        return "compact"
+    return "virtual"
+
+
+def _plan(dset: h5py.Dataset) -> str:
+    pl = dset.id.get_create_plist()
+    if pl.get_external_count() > 0:
+        return "h5py"
+    layout = pl.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        return "contiguous"
+    if layout == h5py.h5d.CHUNKED:
+        return "chunked" if pl.get_nfilters() == 0 else "compressed"
+    return "h5py"
+
+
+def _read_error(path: str, key: str, e: Exception) -> SlideError:
+    return SlideError(f"{path}: cannot read `{key}` (corrupt or truncated file?): {e}")
+
+
+def _unwritten(path: str, key: str, detail: str) -> SlideError:
+    return SlideError(
+        f"{path}: `{key}` has storage that was never written ({detail}; an interrupted feature "
+        "extraction?); refusing to read fill values as tiles"
+    )
+
+
+def _read_rows(
+    path: str, dset: h5py.Dataset, key: str, idx: np.ndarray, order: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows of a 2-D dataset in the stored dtype: ``out[r] = dset[idx[order[r]]]``.
+
+    ``idx`` is sorted and unique; ``order`` (a permutation, default identity) is the output order,
+    e.g. spatial. Byte-address layouts write each row straight to its output position.
+    """
+    m = len(idx)
+    if order is None:
+        order = np.arange(m)
+    dest = np.empty(m, dtype=np.int64)
+    dest[order] = np.arange(m)  # output row of idx[p]
+    plan = _plan(dset)
+    try:
+        if plan == "contiguous":
+            out = _read_contiguous(path, dset, key, idx, dest)
+        elif plan == "chunked":
+            out = _read_chunked(path, dset, key, idx, dest)
+        elif plan == "compressed":
+            out = _read_chunk_runs(path, dset, key, idx)[order]
+        else:
+            out = _read_h5py(dset, idx)[order]
+    except SlideError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise _read_error(path, key, e) from None
+    if plan in ("contiguous", "chunked") and m:
+        probe = m // 2
+        try:
+            ref = np.asarray(dset[int(idx[probe])])
+        except (OSError, RuntimeError) as e:
+            raise _read_error(path, key, e) from None
+        if ref.tobytes() != out[dest[probe]].tobytes():
+            warnings.warn(
+                f"{path}: fast read of `{key}` disagreed with HDF5 ({plan}); using the slow path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return _read_h5py(dset, idx)[order]
+    return out
+
+
+def _read_h5py(dset: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
+    if len(idx) == dset.shape[0]:
+        return dset[()]
+    return dset[idx]
+
+
+def _file_size(path: str) -> int:
+    return os.path.getsize(path)
+
+
+#: most buffers one ``preadv`` call may take (IOV_MAX is 1024 on Linux and macOS)
+_IOV_MAX = 1024
+#: read a whole region in one call when it is at most this many bytes per wanted row (one system
+#: call costs about as much as copying ~16 KB from the page cache)
+_SPAN_BYTES_PER_ROW = 16384
+
+
+def _pread_rows(
+    path: str, key: str, addrs: np.ndarray, nbytes: int, target: np.ndarray, rows: np.ndarray, lo: int = 0
+) -> None:
+    """For every p: copy ``nbytes`` from file byte address ``addrs[p]`` into
+    ``target[rows[p], lo:lo + nbytes]`` (``target``: 2-D uint8, C-contiguous rows).
+
+    Reads are sorted by address and adjacent ones merged into one ``preadv`` (scattering into the
+    right rows), so a contiguous stretch of the file costs one system call.
+    """
+    if len(addrs) == 0:
+        return
+    first, end = int(addrs.min()), int(addrs.max()) + nbytes
+    if end > _file_size(path):
+        raise SlideError(f"{path}: truncated file: `{key}` data runs past the end of the file")
+    if end - first <= len(addrs) * _SPAN_BYTES_PER_ROW:
+        # small region (e.g. coordinates): one read of the whole span, then a vectorised gather
+        span = np.empty(end - first, dtype=np.uint8)
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(first)
+            got = fh.readinto(memoryview(span))
+        if got != len(span):
+            raise SlideError(f"{path}: truncated file: short read of `{key}`")
+        target[rows, lo : lo + nbytes] = sliding_window_view(span, nbytes)[addrs - first]
+        return
+    by_addr = np.argsort(addrs, kind="stable")
+    a = addrs[by_addr]
+    runs = np.concatenate([[0], np.flatnonzero(np.diff(a) != nbytes) + 1, [len(a)]]).tolist()
+    bufs = [memoryview(target[r, lo : lo + nbytes]) for r in rows[by_addr].tolist()]
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        for s, e in zip(runs[:-1], runs[1:]):
+            for s2 in range(s, e, _IOV_MAX):
+                e2 = min(e, s2 + _IOV_MAX)
+                want = (e2 - s2) * nbytes
+                if hasattr(os, "preadv"):
+                    got = os.preadv(fd, bufs[s2:e2], int(a[s2]))
+                else:  # pragma: no cover - platforms without preadv (Windows)
+                    os.lseek(fd, int(a[s2]), os.SEEK_SET)
+                    got = sum(os.readv(fd, [b]) for b in bufs[s2:e2])
+                if got != want:
+                    raise SlideError(f"{path}: truncated file: short read of `{key}` ({got} of {want} bytes)")
+    finally:
+        os.close(fd)
+
+
+def _read_contiguous(path: str, dset: h5py.Dataset, key: str, idx: np.ndarray, dest: np.ndarray) -> np.ndarray:
+    """Contiguous dataset: row i lies at ``offset + i · row_bytes``."""
+    offset = dset.id.get_offset()
+    if offset is None:
+        raise _unwritten(path, key, "no data allocated")
+    n, c = dset.shape
+    row_bytes = c * dset.dtype.itemsize
+    if offset + n * row_bytes > _file_size(path):
+        raise SlideError(f"{path}: truncated file: `{key}` data runs past the end of the file")
+    out = np.empty((len(idx), c), dtype=dset.dtype)
+    target = out.view(np.uint8).reshape(len(idx), row_bytes)
+    _pread_rows(path, key, offset + idx * row_bytes, row_bytes, target, dest)
+    return out
+
+
+def _read_chunked(path: str, dset: h5py.Dataset, key: str, idx: np.ndarray, dest: np.ndarray) -> np.ndarray:
+    """Uncompressed chunked dataset: the byte address of each needed chunk, then rows from there.
+
+    Addresses come from one walk of the chunk index (``H5Dchunk_iter``), unless the index holds
+    far more chunks than the sample touches; then the needed chunks are read one by one.
+    """
+    n, c = dset.shape
+    cr, cc = dset.chunks
+    n_row_chunks, n_col_chunks = math.ceil(n / cr), math.ceil(c / cc)
+    need = np.unique(idx // cr)
+    if n_row_chunks > _LOOKUP_VS_ITER * len(need):
+        return _read_chunk_direct(path, dset, key, idx, need, dest)
+    itemsize = dset.dtype.itemsize
+    chunk_bytes = cr * cc * itemsize
+    addr = np.full((n_row_chunks, n_col_chunks), -1, dtype=np.int64)
+    odd_size = []
+
+    def visit(info) -> None:
+        r, col = info.chunk_offset
+        addr[r // cr, col // cc] = info.byte_offset
+        if info.size != chunk_bytes:
+            odd_size.append(info.chunk_offset)
+
+    dset.id.chunk_iter(visit)
+    if odd_size:
+        return _read_h5py(dset, idx)[np.argsort(dest)]
+    missing = np.flatnonzero((addr[need] < 0).any(axis=1))
+    if len(missing):
+        r0 = int(need[missing[0]]) * cr
+        more = f" and {len(missing) - 1} more chunk row(s)" if len(missing) > 1 else ""
+        raise _unwritten(path, key, f"rows {r0}–{min(n, r0 + cr) - 1}{more}")
+    out = np.empty((len(idx), c), dtype=dset.dtype)
+    target = out.view(np.uint8).reshape(len(idx), c * itemsize)
+    within = (idx % cr) * (cc * itemsize)  # row offset inside its chunk
+    for j in range(n_col_chunks):
+        width = min(cc, c - j * cc)
+        _pread_rows(path, key, addr[idx // cr, j] + within, width * itemsize, target, dest, lo=j * cc * itemsize)
+    return out
+
+
+def _read_chunk_direct(
+    path: str, dset: h5py.Dataset, key: str, idx: np.ndarray, need: np.ndarray, dest: np.ndarray
+) -> np.ndarray:
+    """Uncompressed chunked dataset, few chunks needed: read just those (``H5Dread_chunk``)."""
+    n, c = dset.shape
+    cr, cc = dset.chunks
+    dtype = dset.dtype
+    did = dset.id
+    out = np.empty((len(idx), c), dtype=dtype)
+
+    def read(coord: tuple[int, int], buf: np.ndarray) -> None:
+        try:
+            did.read_direct_chunk(coord, out=buf)
+        except RuntimeError as err:
+            if "not allocated" in str(err):
+                r0 = coord[0]
+                raise _unwritten(path, key, f"rows {r0}–{min(n, r0 + cr) - 1}") from None
+            raise
+
+    if cr == 1 and cc == c:  # TRIDENT/CLAM (1, D): a chunk is one output row, read in place
+        target = out.view(np.uint8).reshape(len(idx), c * dtype.itemsize)
+        for i, r in zip(idx.tolist(), dest.tolist()):
+            read((i, 0), target[r])
+        return out
+    raw = np.empty(cr * cc * dtype.itemsize, dtype=np.uint8)
+    block = raw.view(dtype).reshape(cr, cc)
+    chunk_of = idx // cr
+    starts = np.searchsorted(chunk_of, need, side="left")
+    ends = np.searchsorted(chunk_of, need, side="right")
+    for ci, s, e in zip(need.tolist(), starts.tolist(), ends.tolist()):
+        local = idx[s:e] - ci * cr
+        for j in range(math.ceil(c / cc)):
+            read((ci * cr, j * cc), raw)
+            width = min(cc, c - j * cc)
+            out[dest[s:e], j * cc : j * cc + width] = block[local, :width]
+    return out
+
+
+def _read_chunk_runs(path: str, dset: h5py.Dataset, key: str, idx: np.ndarray) -> np.ndarray:
+    """Compressed chunked dataset: the needed chunks as chunk-aligned runs (each decompressed once)."""
+    n, c = dset.shape
+    cr, cc = dset.chunks
+    expected = math.ceil(n / cr) * math.ceil(c / cc)
+    have = dset.id.get_num_chunks()
+    if have < expected:
+        raise _unwritten(path, key, f"only {have} of {expected} chunks exist")
+    if len(idx) == n:
+        return dset[()]
+    need = np.unique(idx // cr)
+    breaks = np.flatnonzero(np.diff(need) > 1) + 1
+    out = np.empty((len(idx), c), dtype=dset.dtype)
+    pos = 0
+    for run in np.split(need, breaks):
+        r0, r1 = int(run[0]) * cr, min(n, (int(run[-1]) + 1) * cr)
+        block = dset[r0:r1]
+        e = int(np.searchsorted(idx, r1, side="left"))
+        out[pos:e] = block[idx[pos:e] - r0]
+        pos = e
+    return out
+
+
+# --------------------------------------------------------------------------- public loaders
+
+
+def load_slide(
+    path: str | os.PathLike,
+    patches_per_wsi: int | None = None,
+    rng: np.random.Generator | None = None,
+    expected_dim: int | None = None,
+    *,
+    sampling: str = "uniform",
+) -> Slide:
+    """Read (a sample of) one slide's tiles, in spatial order, checked.
+
+    Args:
+        path: slide H5 file.
+        patches_per_wsi: keep at most this many tiles; None keeps all.
+        rng: training: a generator seeded per epoch and sample → random sample. None (eval) →
+            deterministic sample, the same tiles on every call.
+        expected_dim: required feature width D (None: any).
+        sampling: ``"uniform"`` — ``k`` tiles uniformly without replacement (default; the seed's
+            distribution). ``"chunks"`` — on *compressed* files only, whole storage chunks are
+            sampled (much faster, tiles of a chunk come together; see docs/data.md); other
+            layouts sample uniformly either way.
+
+    Returns:
+        :class:`Slide` with ``features`` [K, D] float32 and ``coords`` [K, 2] float32 (x, y), rows
+        sorted by (y, x); ``K = min(N, patches_per_wsi)``.
+
+    Raises:
+        SlideError: missing/zero-byte/non-HDF5/truncated file; no ``features`` or coordinates;
+            wrong shapes or dtype; N = 0; length mismatch; unavailable compression filter;
+            unwritten storage; NaN/Inf in the tiles read; negative, non-finite or huge
+            coordinates; D ≠ ``expected_dim``.
+    """
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+    path = os.fspath(path)
+    with _open(path) as f:
+        feats_ds, coords_ds, coords_key, yx = _datasets(f, path)
+        n, d = feats_ds.shape
+        _check_dim(path, d, expected_dim)
+        if sampling == "chunks" and _plan(feats_ds) == "compressed":
+            idx = sample_chunk_indices(n, patches_per_wsi, feats_ds.chunks[0], rng)
+        else:
+            idx = sample_indices(n, patches_per_wsi, rng)
+        coords = _read_rows(path, coords_ds, coords_key, idx)
+        _check_coords(path, coords, idx, coords_key)
+        coords = coords.astype(np.float32)
+        if yx:
+            coords = np.ascontiguousarray(coords[:, ::-1])
+        order = np.lexsort((coords[:, 0], coords[:, 1]))  # row-major: by y, then x
+        feats = _read_rows(path, feats_ds, FEATURES_KEY, idx, order)  # read straight into spatial order
+    if feats.dtype != np.float32:
+        feats = feats.astype(np.float32)
+    _check_features(path, feats, idx[order])
+    return Slide(features=feats, coords=coords[order], path=path, n_total=int(n))
+
+
+def scan_slide(
+    path: str | os.PathLike, expected_dim: int | None = None, block_rows: int = 8192
+) -> SlideInfo:
+    """Full check of one slide file: structure, every tile finite, every coordinate in range.
+
+    Reads the whole file once, in chunk-aligned blocks of about ``block_rows`` rows (bounded
+    memory). Raises :class:`SlideError` on the first problem.
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        feats_ds, coords_ds, coords_key, _ = _datasets(f, path)
+        n, d = feats_ds.shape
+        _check_dim(path, d, expected_dim)
+        for key, ds in ((FEATURES_KEY, feats_ds), (coords_key, coords_ds)):
+            _check_written(path, key, ds)
+        for _ in _iter_blocks(path, feats_ds, coords_ds, coords_key, block_rows):
+            pass
+        return SlideInfo(path, int(n), int(d), str(feats_ds.dtype), coords_key, describe_layout(feats_ds))
+
+
+def _check_written(path: str, key: str, ds: h5py.Dataset) -> None:
+    plan = _plan(ds)
+    if plan == "contiguous":
+        offset = ds.id.get_offset()
+        if offset is None:
+            raise _unwritten(path, key, "no data allocated")
+        if offset + int(np.prod(ds.shape)) * ds.dtype.itemsize > _file_size(path):
+            raise SlideError(f"{path}: truncated file: `{key}` data runs past the end of the file")
+    elif plan in ("chunked", "compressed"):
+        n, c = ds.shape
+        cr, cc = ds.chunks
+        expected = math.ceil(n / cr) * math.ceil(c / cc)
+        have = ds.id.get_num_chunks()
+        if have < expected:
+            raise _unwritten(path, key, f"only {have} of {expected} chunks exist")
+
+
+def _iter_blocks(
+    path: str, feats_ds: h5py.Dataset, coords_ds: h5py.Dataset, coords_key: str, block_rows: int = 8192
+):
+    """Yield checked ``(first_row, features[b, D] float32, coords[b, 2] as stored)`` over the whole
+    file in file order, in blocks aligned to the features' chunk rows (bounded memory)."""
+    n = feats_ds.shape[0]
+    step = block_rows
+    if feats_ds.chunks:
+        cr = feats_ds.chunks[0]
+        step = max(cr, (block_rows // cr) * cr)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        try:
+            feats = np.asarray(feats_ds[r0:r1], dtype=np.float32)
+        except (OSError, RuntimeError) as e:
+            raise _read_error(path, FEATURES_KEY, e) from None
+        try:
+            coords = coords_ds[r0:r1]
+        except (OSError, RuntimeError) as e:
+            raise _read_error(path, coords_key, e) from None
+        rows = np.arange(r0, r1)
+        _check_features(path, feats, rows)
+        _check_coords(path, coords, rows, coords_key)
+        yield r0, feats, coords

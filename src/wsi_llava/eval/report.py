@@ -1,0 +1,253 @@
+"""Turn a metrics dict (from :func:`~wsi_llava.eval.metrics.evaluate_predictions`) into files and text:
+``metrics.json``, a readable ``report.md`` and a plain-text summary table for the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .metrics import COUNT_OF, HEADLINE, compare_metrics
+
+LABELS = {
+    "closed_accuracy": "Closed-ended accuracy",
+    "mc_accuracy": "  multiple choice",
+    "yes_no_accuracy": "  yes/no",
+    "bleu_1": "BLEU-1",
+    "bleu_2": "BLEU-2",
+    "bleu_3": "BLEU-3",
+    "bleu_4": "BLEU-4",
+    "rouge_1": "ROUGE-1 F",
+    "rouge_2": "ROUGE-2 F",
+    "rouge_l": "ROUGE-L F",
+    "meteor": "METEOR",
+}
+_ACCURACY = ("closed_accuracy", "mc_accuracy", "yes_no_accuracy")
+
+
+def format_value(name: str, value: float | None) -> str:
+    """Accuracies as percentages (1 decimal), n-gram metrics on 0–1 (4 decimals); ``–`` when absent."""
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" if name in _ACCURACY else f"{value:.4f}"
+
+
+def format_ci(name: str, ci: Sequence[float] | None) -> str:
+    if not ci:
+        return "–"
+    if name in _ACCURACY:
+        return f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%"
+    return f"{ci[0]:.4f}–{ci[1]:.4f}"
+
+
+def headline_rows(metrics: Mapping[str, object]) -> list[tuple[str, str, str, str]]:
+    """``(label, value, CI, n)`` for each headline metric that has items."""
+    rows = []
+    for name in HEADLINE:
+        n = metrics.get(COUNT_OF[name]) or 0
+        if not n:
+            continue
+        rows.append((LABELS[name], format_value(name, metrics.get(name)), format_ci(name, metrics.get(f"{name}_ci")), str(n)))
+    return rows
+
+
+def judge_rows(metrics: Mapping[str, object]) -> list[tuple[str, str, str, str]]:
+    """Rows for the optional LLM-judge scores (empty without a judge run)."""
+    judge = metrics.get("judge")
+    if not judge:
+        return []
+    return [
+        (f"Judge {name}", format_value(name, judge.get(name)), format_ci(name, judge.get(f"{name}_ci")), str(judge.get("n_judged", 0)))
+        for name in ("precision", "relevance")
+    ]
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def summary_table(metrics: Mapping[str, object]) -> str:
+    """Plain-text headline table (what ``wsi-llava eval`` prints)."""
+    conf = int(round(100 * float(metrics.get("settings", {}).get("confidence", 0.95))))
+    rows = headline_rows(metrics)
+    rows += judge_rows(metrics)
+    text = _text_table(("metric", "value", f"{conf}% CI", "n"), rows) if rows else "(no items)"
+    notes = []
+    if metrics.get("n_unparsed"):
+        notes.append(f"{metrics['n_unparsed']} closed answer(s) could not be parsed (counted wrong; listed in report.md)")
+    if metrics.get("n_open") and not metrics.get("meteor_synonyms"):
+        notes.append("METEOR computed WITHOUT WordNet synonyms (WordNet not found offline)")
+    if metrics.get("n_missing"):
+        notes.append(f"{metrics['n_missing']} data row(s) have no prediction (not scored; listed in report.md)")
+    return text + "".join(f"\nnote: {n}" for n in notes)
+
+
+def _shorten(text: object, limit: int) -> str:
+    s = " ".join(("" if text is None else str(text)).split())
+    return s[: limit - 1] + "…" if len(s) > limit else s
+
+
+def _md_cell(text: object) -> str:
+    """One table cell: on one line, ``|`` escaped."""
+    s = " ".join(("" if text is None else str(text)).split())
+    return s.replace("|", "\\|")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _group_tables(name: str, groups: Mapping[str, Mapping[str, object]], conf: int) -> list[str]:
+    lines: list[str] = []
+    closed = [(g, m) for g, m in groups.items() if m.get("n_closed")]
+    open_ = [(g, m) for g, m in groups.items() if m.get("n_open")]
+    if closed:
+        lines += ["", f"### Closed-ended accuracy by {name}", ""]
+        lines += _md_table(
+            (name, "n", "accuracy", f"{conf}% CI", "unparsed"),
+            [(g, m["n_closed"], format_value("closed_accuracy", m["closed_accuracy"]),
+              format_ci("closed_accuracy", m.get("closed_accuracy_ci")), m.get("n_unparsed", 0)) for g, m in closed],
+        )
+    if open_:
+        lines += ["", f"### Open-ended metrics by {name}", ""]
+        cols = ("bleu_1", "bleu_4", "rouge_l", "meteor")
+        lines += _md_table(
+            (name, "n", *(f"{LABELS[c]} ({conf}% CI)" for c in cols)),
+            [(g, m["n_open"], *(f"{format_value(c, m[c])} ({format_ci(c, m.get(f'{c}_ci'))})" for c in cols))
+             for g, m in open_],
+        )
+    return lines
+
+
+def render_markdown(
+    metrics: Mapping[str, object],
+    *,
+    title: str = "Evaluation report",
+    source: str | None = None,
+    comparisons: Mapping[str, Mapping[str, object]] | None = None,
+) -> str:
+    """The readable report: headline table with CIs and counts, breakdowns, comparisons (e.g. a
+    zeroed-slide run: its numbers and the gap), and every unparseable closed answer."""
+    settings = metrics.get("settings", {})
+    conf = int(round(100 * float(settings.get("confidence", 0.95))))
+    lines = [f"# {title}", ""]
+    if source:
+        lines += [f"Predictions: `{source}`", ""]
+    lines.append(
+        f"{metrics.get('n_items', 0)} items: {metrics.get('n_closed', 0)} closed-ended "
+        f"({metrics.get('n_mc', 0)} multiple choice, {metrics.get('n_yes_no', 0)} yes/no), "
+        f"{metrics.get('n_open', 0)} open-ended."
+    )
+    if metrics.get("n_missing"):
+        lines.append(f"**{metrics['n_missing']} row(s) of the data file have no prediction** and are not scored (listed below).")
+    lines += ["", "## Headline", ""]
+    rows = headline_rows(metrics)
+    lines += _md_table(("metric", "value", f"{conf}% CI", "n"), rows) if rows else ["(no items)"]
+    lines += [
+        "",
+        f"CIs: percentile bootstrap over items, {settings.get('bootstrap')} resamples, seed {settings.get('seed')}. "
+        "Unparseable closed answers count as wrong.",
+    ]
+    if metrics.get("n_open"):
+        lines += [
+            f"BLEU: {settings.get('bleu')}. ROUGE: {settings.get('rouge')}. METEOR: {settings.get('meteor')}.",
+        ]
+        if metrics.get("meteor_synonyms"):
+            lines.append(f"WordNet: {settings.get('wordnet')}.")
+        else:
+            lines.append(
+                f"**METEOR was computed without WordNet synonyms** (exact and stem matches only): {settings.get('wordnet')}."
+            )
+
+    judge = metrics.get("judge")
+    if judge:
+        lines += ["", "## LLM judge", ""]
+        lines += _md_table(("metric", "value", f"{conf}% CI", "n"), judge_rows(metrics))
+        lines += [
+            "",
+            f"Judge `{judge.get('model')}` at `{judge.get('url')}`; precision = share of the answer's claims the "
+            "reference supports, relevance = share of the reference's key findings the answer addresses. "
+            f"{judge.get('n_failed', 0)} item(s) not judged (failed request or unreadable reply; not counted).",
+        ]
+        for f in judge.get("failures", [])[:50]:
+            lines.append(f"- `{_shorten(f.get('key'), 80)}` (row {f.get('row')}): {_shorten(f.get('error'), 200)}")
+
+    if comparisons:
+        lines += ["", "## Comparison runs", ""]
+        names = list(comparisons)
+        header = ["metric", "main", *[f"{n}" for n in names], *[f"Δ {n}" for n in names]]
+        gaps = {n: compare_metrics(metrics, comparisons[n]) for n in names}
+        table = []
+        for m in HEADLINE:
+            if not metrics.get(COUNT_OF[m]):
+                continue
+            table.append(
+                [LABELS[m].strip(), format_value(m, metrics.get(m)),
+                 *[format_value(m, comparisons[n].get(m)) for n in names],
+                 *[_format_gap(m, gaps[n][m]) for n in names]]
+            )
+        lines += _md_table(header, table)
+        lines += ["", "Δ = comparison run − main run (a large drop with zeroed or shuffled slides means the model uses the slide)."]
+
+    for group in ("category", "dataset"):
+        groups = metrics.get(f"by_{group}")
+        if groups:
+            lines += ["", f"## By {group}"]
+            lines += _group_tables(group, groups, conf)
+
+    unparsed = metrics.get("unparsed") or []
+    lines += ["", f"## Unparseable closed answers ({len(unparsed)})", ""]
+    if unparsed:
+        lines += _md_table(
+            ("key", "row", "category", "gold", "options", "prediction"),
+            [(_shorten(u.get("key"), 80), u.get("row"), u.get("category") or "", u.get("reference"),
+              _shorten("; ".join(u.get("choices") or []), 120), _shorten(u.get("prediction"), 200)) for u in unparsed],
+        )
+    else:
+        lines.append("None.")
+
+    missing = metrics.get("missing") or []
+    if missing:
+        lines += ["", f"## Data rows without a prediction ({len(missing)})", ""]
+        lines += _md_table(("row", "slide_id", "question"), [(m.get("row"), m.get("slide_id"), _shorten(m.get("question"), 120)) for m in missing])
+    return "\n".join(lines) + "\n"
+
+
+def _format_gap(name: str, gap: float | None) -> str:
+    if gap is None:
+        return "–"
+    return f"{100 * gap:+.1f} pts" if name in _ACCURACY else f"{gap:+.4f}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(
+    metrics: Mapping[str, object],
+    out_dir: str | os.PathLike,
+    *,
+    source: str | None = None,
+    comparisons: Mapping[str, Mapping[str, object]] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``out_dir/metrics.json`` (comparison runs under ``"comparisons"``, with their gaps) and
+    ``out_dir/report.md``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = dict(metrics)
+    if comparisons:
+        payload["comparisons"] = {
+            name: {"metrics": dict(other), "gap": compare_metrics(metrics, other)} for name, other in comparisons.items()
+        }
+    json_path, md_path = out / "metrics.json", out / "report.md"
+    _atomic_write(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    _atomic_write(md_path, render_markdown(metrics, source=source, comparisons=comparisons))
+    return json_path, md_path

@@ -1,0 +1,49 @@
+"""`wsi-llava chat --model DIR --slide X.h5 [--question Q]`: one answer, or a multi-turn session."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .engine import GenerationSettings, SlideAssistant
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
+    parser.add_argument("--slide", required=True, help="slide H5 file (features + coords)")
+    parser.add_argument("--question", help="ask one question and exit; without it, a multi-turn session on stdin")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--explain", action="store_true", help="also print the selected tiles (coords, scores) as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    assistant = SlideAssistant.from_pretrained(args.model)
+    slide = assistant.load(args.slide)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    history: list[tuple[str, str]] = []
+    questions = [args.question] if args.question else None
+    interactive = questions is None
+    if interactive:
+        print(f"Slide {args.slide}: {slide.n_total} tiles ({len(slide.features)} used). Empty line or Ctrl-D ends.")
+    while True:
+        if interactive:
+            try:
+                q = input("you> ").strip()
+            except EOFError:
+                break
+            if not q:
+                break
+        else:
+            if not questions:
+                break
+            q = questions.pop(0)
+        ans = assistant.answer([slide], [q], [history], settings, explain=args.explain)[0]
+        print(("assistant> " if interactive else "") + ans.text)
+        if args.explain:
+            print(json.dumps({"tile_indices": ans.tile_indices, "coords": ans.coords, "scores": ans.tile_scores}))
+        history.append((q, ans.text))
+        sys.stdout.flush()
+    return 0

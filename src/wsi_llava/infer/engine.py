@@ -1,0 +1,132 @@
+"""Answer questions about slides with a trained WSI-LLaVA (shared by chat, predict and serve)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.collate import SlideCollator
+from ..data.prompts import PromptBuilder
+from ..data.slides import Slide, load_slide
+from ..model.wsi_llava import load_wsi_llava
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding options. Greedy unless ``temperature > 0``; sampling is seeded (deterministic)."""
+
+    max_new_tokens: int = 256
+    """Longest answer in tokens."""
+    temperature: float = 0.0
+    """0 = greedy decoding; > 0 = sampling at this temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (with temperature > 0)."""
+    seed: int = 0
+    """Seed of the sampling RNG."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end the answer (the answer is cut before them)."""
+
+
+@dataclass
+class Answer:
+    """One generated answer with what the model looked at."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    tile_indices: list[int] | None = None
+    tile_scores: list[float] | None = None
+    coords: list[list[float]] | None = None
+
+
+class SlideAssistant:
+    """A loaded model + tokenizer + prompt builder. ``answer`` handles a batch of (slide, question)."""
+
+    def __init__(self, model, tokenizer, patches_per_wsi: int = 2048, system_prompt: str | None = "default",
+                 cutoff_len: int = 8192):
+        from ..data.prompts import DEFAULT_SYSTEM_PROMPT
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.patches_per_wsi = patches_per_wsi
+        if system_prompt == "default":
+            system_prompt = DEFAULT_SYSTEM_PROMPT
+        self.builder = PromptBuilder(tokenizer, model.config.num_image_tokens, cutoff_len, system_prompt)
+        self.collator = SlideCollator(tokenizer.pad_token_id, padding_side="left")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "SlideAssistant":
+        """Load a saved model folder."""
+        model, tokenizer = load_wsi_llava(path)
+        saved = Path(path) / "train_config.yaml"
+        if saved.exists():
+            import yaml
+
+            train_cfg = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            kwargs.setdefault("patches_per_wsi", train_cfg.get("patches_per_wsi", 2048))
+            kwargs.setdefault("system_prompt", train_cfg.get("system_prompt") or None)
+        return cls(model, tokenizer, **kwargs)
+
+    def load(self, path: str | Path) -> Slide:
+        """Read a slide's tiles (deterministic sampling)."""
+        return load_slide(str(path), self.patches_per_wsi, rng=None,
+                          expected_dim=self.model.config.vision_config.get("in_dim", self.model.config.mm_hidden_size))
+
+    @torch.inference_mode()
+    def answer(self, slides: list[Slide], questions: list[str], histories: list[list[tuple[str, str]]] | None = None,
+               settings: GenerationSettings | None = None, explain: bool = False,
+               question_texts: list[str | None] | None = None) -> list[Answer]:
+        """Generate one answer per (slide, question [, history]). Batched; left-padded prompts."""
+        settings = settings or GenerationSettings()
+        histories = histories or [[] for _ in questions]
+        question_texts = question_texts or [None] * len(questions)
+        items = []
+        for slide, q, h, qt in zip(slides, questions, histories, question_texts):
+            ex = self.builder.build_generation(q, h, question=qt, where=slide.path)
+            items.append({"input_ids": ex.input_ids, "question_mask": ex.question_mask,
+                          "features": slide.features, "coords": slide.coords})
+        batch = self.collator(items)
+        device = self.model.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        gen_kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if settings.temperature > 0:
+            torch.manual_seed(settings.seed)
+            gen_kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(**batch, **gen_kwargs)
+        prompt_len = batch["input_ids"].shape[1]
+        selection = None
+        if explain:
+            selection = self.explain(batch)
+        answers = []
+        for i, seq in enumerate(out[:, prompt_len:].tolist()):
+            ids = [t for t in seq if t != self.tokenizer.pad_token_id]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for s in settings.stop:
+                if s and s in text:
+                    text = text[: text.index(s)].rstrip()
+            n_prompt = int(batch["attention_mask"][i].sum())
+            ans = Answer(text, n_prompt, len(ids))
+            if selection is not None:
+                idx = selection.indices[i].tolist()
+                ans.tile_indices = idx
+                ans.coords = batch["coords"][i, idx].tolist()
+                if selection.scores is not None:
+                    ans.tile_scores = selection.scores[i, idx].tolist()
+            answers.append(ans)
+        return answers
+
+    def explain(self, batch: dict):
+        """Which tiles the selector keeps for this batch (indices [B, K], scores [B, N] or None)."""
+        m = self.model
+        query = m.question_query(batch["input_ids"], batch["question_mask"]) if m.text_query_projection is not None else None
+        return m.encode_slides(batch["features"], batch["coords"], batch["tile_mask"], query=query).selection
+
+
+def zeros_like_slide(slide: Slide) -> Slide:
+    """The same slide with all features zeroed (image-reliance checks)."""
+    return Slide(features=np.zeros_like(slide.features), coords=slide.coords, path=slide.path, n_total=slide.n_total)

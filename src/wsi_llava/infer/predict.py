@@ -1,0 +1,158 @@
+"""`wsi-llava predict --model DIR --data test.csv --out preds.jsonl`: batched, resumable answers.
+
+One JSON line per manifest row, appended and flushed as each batch completes. Rows are keyed by
+(slide_id, question) (a repeated pair gets ``#2``, ``#3`` …); a rerun skips keys already in the output,
+so an interrupted run resumed gives exactly one line per row. Rows whose slide cannot be read go to
+``OUT.errors.jsonl`` (with the reason) instead of becoming zeros; a rerun retries them.
+
+Line format: ``key, slide_id, question, reference, prediction, choices, kind, category, dataset, row``
+(``reference`` is the gold letter for multiple-choice rows, the caption for report rows), plus
+``tiles``/``tile_scores``/``coords`` with ``--explain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..data.manifest import Record, choice_letter, load_manifest
+from ..data.prompts import record_turn
+from ..data.slides import SlideError
+from .engine import GenerationSettings, SlideAssistant, zeros_like_slide
+
+ABLATIONS = ("none", "zero", "shuffle")
+
+
+def row_keys(records: list[Record]) -> list[str]:
+    """Stable key per row: ``slide_id<TAB>question`` (+ ``#n`` for the n-th repeat)."""
+    seen: Counter = Counter()
+    keys = []
+    for r in records:
+        base = f"{r.slide_id}\t{r.question or 'report'}"
+        seen[base] += 1
+        keys.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return keys
+
+
+def read_done(path: Path) -> set[str]:
+    """Keys already written to a predictions file (a torn last line is ignored and rewritten)."""
+    done = set()
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    done.add(json.loads(line)["key"])
+                except (json.JSONDecodeError, KeyError):
+                    continue
+    return done
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a partial last line left by a killed run, so appends start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            f.seek(cut)
+            f.truncate()
+
+
+def reference_of(record: Record) -> str:
+    """Gold answer: the letter for multiple choice, the caption for reports, else the answer."""
+    if record.kind == "mc":
+        return choice_letter(record.answer, record.choices) or record.answer
+    return record.caption if record.kind == "report" else record.answer
+
+
+def shuffle_partner(slide_ids: list[str]) -> dict[str, str]:
+    """Each slide id → another slide id (a fixed cyclic derangement over the sorted unique ids)."""
+    uniq = sorted(set(slide_ids))
+    if len(uniq) < 2:
+        raise ValueError("--ablate shuffle needs at least two different slides")
+    return {s: uniq[(i + 1) % len(uniq)] for i, s in enumerate(uniq)}
+
+
+def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_size: int = 8,
+            settings: GenerationSettings | None = None, ablate: str = "none", explain: bool = False,
+            progress: bool = True) -> dict:
+    """Answer every record not yet in ``out``; returns counts ``{"done", "skipped", "errors"}``."""
+    if ablate not in ABLATIONS:
+        raise ValueError(f"ablate must be one of {ABLATIONS}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors_path = out.with_name(out.stem + ".errors.jsonl")
+    _repair_tail(out)
+    done = read_done(out)
+    keys = row_keys(records)
+    todo = [(k, r) for k, r in zip(keys, records) if k not in done]
+    by_id = {r.slide_id: r.h5_path for r in records}
+    partner = shuffle_partner(list(by_id)) if ablate == "shuffle" else {}
+    counts = {"done": 0, "skipped": len(records) - len(todo), "errors": 0}
+    with open(out, "a", encoding="utf-8") as fout, \
+            tqdm(total=len(todo), desc="predict", unit="row", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            ok, slides, users, qtexts = [], [], [], []
+            for key, r in chunk:
+                try:
+                    path = by_id[partner[r.slide_id]] if ablate == "shuffle" else r.h5_path
+                    slide = assistant.load(path)
+                    if ablate == "zero":
+                        slide = zeros_like_slide(slide)
+                    user, _, qtext = record_turn(r)
+                except (SlideError, OSError, ValueError) as e:
+                    counts["errors"] += 1
+                    with open(errors_path, "a", encoding="utf-8") as ferr:
+                        ferr.write(json.dumps({"key": key, "source": r.source, "row": r.row, "error": str(e)}) + "\n")
+                    continue
+                ok.append((key, r))
+                slides.append(slide)
+                users.append(user)
+                qtexts.append(qtext)
+            if ok:
+                answers = assistant.answer(slides, users, None, settings, explain=explain, question_texts=qtexts)
+                for (key, r), ans in zip(ok, answers):
+                    line = {"key": key, "slide_id": r.slide_id, "question": r.question,
+                            "reference": reference_of(r), "prediction": ans.text,
+                            "choices": list(r.choices) if r.choices else None, "kind": r.kind,
+                            "category": r.category, "dataset": r.dataset, "row": r.row}
+                    if explain:
+                        line.update(tiles=ans.tile_indices, tile_scores=ans.tile_scores, coords=ans.coords)
+                    fout.write(json.dumps(line) + "\n")
+                fout.flush()
+                os.fsync(fout.fileno())
+                counts["done"] += len(ok)
+            bar.update(len(chunk))
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
+    parser.add_argument("--data", required=True, help="manifest CSV (or sharegpt JSON) of rows to answer")
+    parser.add_argument("--out", required=True, help="predictions JSONL (appended; rerun resumes)")
+    parser.add_argument("--split", help="only rows with this split value")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows generated together")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--ablate", choices=ABLATIONS, default="none",
+                        help="image-reliance check: zeroed features, or features of another slide")
+    parser.add_argument("--explain", action="store_true", help="record the selected tiles and scores per answer")
+
+
+def main(args: argparse.Namespace) -> int:
+    assistant = SlideAssistant.from_pretrained(args.model)
+    records = load_manifest(args.data, split=args.split)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    counts = predict(assistant, records, Path(args.out), args.batch_size, settings, args.ablate, args.explain)
+    print(f"{counts['done']} answered, {counts['skipped']} already done, {counts['errors']} unreadable "
+          f"(see {Path(args.out).stem}.errors.jsonl)" if counts["errors"] else
+          f"{counts['done']} answered, {counts['skipped']} already done -> {args.out}")
+    return 1 if counts["errors"] else 0

@@ -1,0 +1,56 @@
+"""Vision towers behind one interface: ``tower(features [B,N,Din], coords [B,N,2], mask [B,N]) -> TowerOutput``.
+
+``vision_mode: none`` — tile features go to the projector as they are (no CLS, no attention).
+``vision_mode: wsi`` — the Prov-GigaPath slide encoder (``model/slide_encoder.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TowerOutput:
+    """What a tower returns.
+
+    tokens [B, N(+1), D] (CLS first when ``has_cls``); cls_attention [B, N] (CLS→patch attention of the
+    last block, 0 on padding) or None; keys [B, N, Dk] (last-block patch keys) or None;
+    hidden_states: tuple of [B, N(+1), D] or None.
+    """
+
+    tokens: torch.Tensor
+    cls_attention: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class IdentityTower(nn.Module):
+    """``vision_mode: none``: the tile features themselves are the visual tokens (width = feature width)."""
+
+    has_cls = False
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = int(width)
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> TowerOutput:
+        """features [B, N, D] → tokens [B, N, D]."""
+        if features.shape[-1] != self.width:
+            raise ValueError(f"tile features are {features.shape[-1]}-wide but the model expects "
+                             f"mm_hidden_size={self.width}")
+        return TowerOutput(tokens=features, hidden_states=(features,) if output_hidden_states else None)
+
+
+def build_tower(vision_mode: str, mm_hidden_size: int, vision_config: dict | None) -> nn.Module:
+    """A fresh (randomly initialised) tower for ``vision_mode``; weights are loaded afterwards."""
+    if vision_mode == "none":
+        return IdentityTower(mm_hidden_size)
+    if vision_mode == "wsi":
+        from .slide_encoder import SlideEncoder, SlideEncoderConfig
+
+        return SlideEncoder(SlideEncoderConfig(**(vision_config or {})))
+    raise ValueError(f"vision_mode {vision_mode!r} is not supported; use 'none' or 'wsi'")

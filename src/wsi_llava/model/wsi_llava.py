@@ -1,0 +1,329 @@
+"""WSI-LLaVA: slide tower → token selection → projector → visual tokens merged into a causal LM.
+
+Follows the Hugging Face LLaVA pattern: the prompt holds exactly ``num_image_tokens`` ``<image>``
+tokens per slide and one ``masked_scatter`` puts the projected visual tokens at those positions.
+The language model is any Hugging Face causal LM; it is kept whole as ``language_model``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.models.auto import CONFIG_MAPPING
+
+from .projector import Projector
+from .select import SELECTORS, Selection, SelectOptions
+from .towers import build_tower
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100
+
+
+class WsiLlavaConfig(PretrainedConfig):
+    """Configuration of :class:`WsiLlavaForConditionalGeneration`.
+
+    Args:
+        text_config: the language model's config (dict or ``PretrainedConfig``).
+        vision_mode: ``"none"`` (tile features go straight to the projector) or ``"wsi"`` (GigaPath
+            slide encoder).
+        vision_config: slide-encoder config fields (``SlideEncoderConfig``) for ``vision_mode: wsi``.
+        mm_hidden_size: width D of the tokens entering the projector (feature width for ``none``,
+            encoder width for ``wsi``).
+        image_seq_length: patch tokens kept per slide (the selection budget K).
+        use_cls_token: also feed the tower's CLS token (``wsi`` only); the prompt then holds K + 1
+            ``<image>`` tokens.
+        vision_feature_select_mode: a key of ``SELECTORS`` (``none``, ``random_sample``, ``prumerge``,
+            ``prumerge_plus``, ``prompt_topk``).
+        select_options: ``SelectOptions`` fields (dict).
+        mm_vision_select_layer: which tower state feeds the projector; -1 = the final normalised tokens,
+            other values index ``hidden_states`` (0 = input embeddings, i = after block i, -2 = before
+            the last block).
+        mm_projector_type: only ``mlp2x_gelu``.
+        projector_dropout: dropout inside the projector.
+        gamma_min, gamma_max: bounds of the projector's learnable output scale.
+        image_token_id: id of ``<image>`` in the tokenizer.
+        freeze_vision_tower: the tower runs in eval mode under ``no_grad``.
+    """
+
+    model_type = "wsi_llava"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(self, text_config=None, vision_mode: str = "none", vision_config: dict | None = None,
+                 mm_hidden_size: int = 1536, image_seq_length: int = 64, use_cls_token: bool = False,
+                 vision_feature_select_mode: str = "random_sample", select_options: dict | None = None,
+                 mm_vision_select_layer: int = -1, mm_projector_type: str = "mlp2x_gelu",
+                 projector_dropout: float = 0.0, gamma_min: float = 1.0, gamma_max: float = 1.0,
+                 image_token_id: int | None = None, freeze_vision_tower: bool = True, **kwargs):
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = CONFIG_MAPPING[text_config.pop("model_type", "llama")](**text_config)
+        self.text_config = text_config
+        self.vision_mode = vision_mode
+        self.vision_config = dict(vision_config or {})
+        self.mm_hidden_size = int(mm_hidden_size)
+        self.image_seq_length = int(image_seq_length)
+        self.use_cls_token = bool(use_cls_token)
+        self.vision_feature_select_mode = vision_feature_select_mode
+        self.select_options = dict(select_options or {})
+        self.mm_vision_select_layer = int(mm_vision_select_layer)
+        self.mm_projector_type = mm_projector_type
+        self.projector_dropout = float(projector_dropout)
+        self.gamma_min = float(gamma_min)
+        self.gamma_max = float(gamma_max)
+        self.image_token_id = image_token_id
+        self.freeze_vision_tower = bool(freeze_vision_tower)
+        super().__init__(**kwargs)
+        self.validate_wsi()
+
+    def validate_wsi(self) -> None:
+        """Reject inconsistent settings with a clear message."""
+        if self.vision_feature_select_mode not in SELECTORS:
+            raise ValueError(f"vision_feature_select_mode {self.vision_feature_select_mode!r} is unknown; "
+                             f"choose one of {sorted(SELECTORS)}")
+        if self.vision_mode not in ("none", "wsi"):
+            raise ValueError(f"vision_mode {self.vision_mode!r} is not supported; use 'none' or 'wsi'")
+        if self.use_cls_token and self.vision_mode == "none":
+            raise ValueError("use_cls_token needs a tower with a CLS token (vision_mode: wsi)")
+        if self.image_seq_length < 1:
+            raise ValueError("image_seq_length must be >= 1")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """``<image>`` tokens per prompt = visual tokens the model produces."""
+        return self.image_seq_length + int(self.use_cls_token)
+
+    def get_text_config(self, *args, **kwargs):
+        return self.text_config
+
+
+@dataclass
+class VisualOutput:
+    """Projected visual tokens [B, K', H] and the selection that produced them."""
+
+    embeds: torch.Tensor
+    selection: Selection
+
+
+class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """Slide tower + selector + projector + causal LM (``language_model``)."""
+
+    config_class = WsiLlavaConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: WsiLlavaConfig, language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.vision_tower = build_tower(config.vision_mode, config.mm_hidden_size, config.vision_config)
+        lm_width = config.text_config.hidden_size
+        self.multi_modal_projector = Projector(config.mm_hidden_size, lm_width, config.projector_dropout,
+                                               config.gamma_min, config.gamma_max, config.mm_projector_type)
+        self.text_query_projection = (nn.Linear(lm_width, config.mm_hidden_size)
+                                      if config.vision_feature_select_mode == "prompt_topk" else None)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- embeddings ------------------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def _init_weights(self, module):
+        """Only our own modules are initialised here; the LM and tower initialise themselves."""
+        if isinstance(module, Projector):
+            for lin in (module.linear_1, module.linear_2):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        elif module is self.text_query_projection and module is not None:
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # -- train/eval ------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """Like ``nn.Module.train`` but frozen parts (no trainable parameter) stay in eval mode, so a
+        frozen tower or LM never runs dropout."""
+        super().train(mode)
+        for part in (self.vision_tower, self.language_model):
+            params = list(part.parameters())
+            if params and not any(p.requires_grad for p in params):
+                part.eval()
+        if self.config.freeze_vision_tower:
+            self.vision_tower.eval()
+        return self
+
+    # -- vision ----------------------------------------------------------------------------------
+    def question_query(self, input_ids: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
+        """Prompt top-K query: mean LM embedding of the question's tokens only → tower width.
+
+        input_ids, question_mask [B, T] → [B, D]. Rows without question tokens fall back to the mean
+        over all non-image tokens of the row.
+        """
+        emb = self.get_input_embeddings()(input_ids)
+        m = question_mask.to(emb.dtype)
+        fallback = (input_ids != self.config.image_token_id).to(emb.dtype)
+        has_q = m.sum(1, keepdim=True) > 0
+        m = torch.where(has_q, m, fallback)
+        mean = (emb * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+        return self.text_query_projection(mean.to(self.text_query_projection.weight.dtype))
+
+    def encode_slides(self, features: torch.Tensor, coords: torch.Tensor, tile_mask: torch.Tensor,
+                      query: torch.Tensor | None = None, generator: torch.Generator | None = None) -> VisualOutput:
+        """Tiles → projected visual tokens.
+
+        features [B, N, Din], coords [B, N, 2] (x, y), tile_mask [B, N] (True = real), query [B, D] →
+        embeds [B, K', H] with K' = ``config.num_image_tokens``.
+        """
+        cfg = self.config
+        layer = cfg.mm_vision_select_layer
+        tower = self.vision_tower
+        frozen = cfg.freeze_vision_tower
+        dtype = next(iter(self.multi_modal_projector.parameters())).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = tower(features, coords, tile_mask, output_hidden_states=layer != -1)
+        tokens = out.tokens if layer == -1 else out.hidden_states[layer]
+        has_cls = getattr(tower, "has_cls", True)
+        patches = tokens[:, 1:] if has_cls else tokens
+        if self.training and generator is None:
+            generator = torch.Generator(device=features.device)
+            generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        options = SelectOptions(**cfg.select_options) if cfg.select_options else None
+        sel = SELECTORS[cfg.vision_feature_select_mode](
+            patches, tile_mask, cfg.image_seq_length, cls_attention=out.cls_attention, keys=out.keys,
+            query=query, coords=coords, generator=generator, training=self.training, options=options)
+        vis = sel.tokens
+        if cfg.use_cls_token:
+            vis = torch.cat([tokens[:, :1], vis], dim=1)
+        return VisualOutput(self.multi_modal_projector(vis.to(dtype)), sel)
+
+    def merge(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Put visual [B, K', H] at the ``<image>`` positions of inputs_embeds [B, T, H] (one masked_scatter)."""
+        image_mask = input_ids == self.config.image_token_id
+        per_row = image_mask.sum(1)
+        if visual.shape[0] != input_ids.shape[0] or bool((per_row != visual.shape[1]).any()):
+            raise ValueError(f"image tokens and visual tokens do not match: the prompts hold {per_row.tolist()} "
+                             f"<image> tokens per row but the model produced {visual.shape[1]} visual tokens for each "
+                             f"of {visual.shape[0]} slides (image_seq_length/use_cls_token of data and model differ?)")
+        mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, visual.to(inputs_embeds.dtype))
+
+    # -- forward / generate ----------------------------------------------------------------------
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                features: torch.Tensor | None = None, coords: torch.Tensor | None = None,
+                tile_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None, **kwargs):
+        """input_ids/attention_mask/labels/question_mask [B, T]; features [B, N, Din]; coords [B, N, 2];
+        tile_mask [B, N]. Returns the language model's output (loss, logits [B, T, V], cache)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
+            if features is None:
+                raise ValueError("the prompt holds <image> tokens but no slide features were given")
+            if tile_mask is None:
+                tile_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+            if coords is None:
+                coords = torch.zeros((*features.shape[:2], 2), device=features.device)
+            query = None
+            if self.text_query_projection is not None:
+                qmask = question_mask if question_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+                query = self.question_query(input_ids, qmask)
+            visual = self.encode_slides(features, coords, tile_mask, query=query)
+            inputs_embeds = self.merge(input_ids, inputs_embeds, visual.embeds)
+        if labels is not None and "logits_to_keep" not in kwargs and self._lm_accepts_logits_to_keep():
+            return self._supervised_forward(inputs_embeds, attention_mask, labels, **kwargs)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _lm_accepts_logits_to_keep(self) -> bool:
+        lm = self.language_model
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def _supervised_forward(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, **kwargs):
+        """Training loss with logits only where a label is predicted (the vocabulary projection of every
+        prompt and visual position is skipped). Same loss as the LM's own shifted cross-entropy.
+
+        inputs_embeds [B, T, H], labels [B, T] → output with ``loss`` and ``logits`` [M, V] (M = supervised
+        positions, flattened)."""
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  logits_to_keep=keep, **kwargs)
+        targets = labels[:, 1:][keep[:, :-1]]
+        loss = nn.functional.cross_entropy(out.logits.float(), targets, reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+        if isinstance(denom, torch.Tensor):
+            denom = denom.to(loss.device)
+        out.loss = loss / denom
+        return out
+
+    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
+        """Slide inputs go to the first (prefill) step only; later steps decode from the cache."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("features", "coords", "tile_mask", "question_mask"):
+                inputs.pop(key, None)
+        return inputs
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_llm(cls, llm_name_or_path: str | Path, *, dtype: torch.dtype | None = None,
+                 tokenizer=None, **config_kwargs):
+        """Build a fresh WSI-LLaVA around a causal LM in a local folder.
+
+        Adds ``<image>`` (and a pad token if the tokenizer has none) and resizes the embeddings.
+        Returns ``(model, tokenizer)``. ``config_kwargs`` are :class:`WsiLlavaConfig` fields.
+        """
+        path = Path(llm_name_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"llm_name_or_path {str(path)!r} does not exist; give a local folder with a "
+                                    "Hugging Face causal LM (no model hub is used)")
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        prepare_tokenizer(tokenizer)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        config = WsiLlavaConfig(text_config=lm.config.to_dict(), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                                **config_kwargs)
+        model = cls(config, language_model=lm)
+        model.generation_config = lm.generation_config
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Add ``<image>`` as a special token and make sure a pad token exists (in place)."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_wsi_llava(path: str | Path, dtype: torch.dtype | None = None):
+    """Load a saved WSI-LLaVA folder → ``(model, tokenizer)`` (model in eval mode)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a saved WSI-LLaVA model (no config.json)")
+    model = WsiLlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+AutoConfig.register("wsi_llava", WsiLlavaConfig)

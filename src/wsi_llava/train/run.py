@@ -1,0 +1,219 @@
+"""Stages 2 and 3 (``stage: sft``): build the model, the data and the ``Trainer``, train, save."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, TrainConfig
+from ..data.collate import SlideCollator
+from ..data.dataset import SlideQADataset
+from ..data.manifest import Record, load_manifest
+from ..data.prompts import PromptBuilder
+from ..data.slides import read_slide_meta
+from ..model.wsi_llava import WsiLlavaForConditionalGeneration, load_wsi_llava
+from .stages import load_projector, merge_lora, save_projector, set_trainable
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".csv", ".json", ".jsonl")
+
+
+def resolve_datasets(spec: str, cfg: TrainConfig) -> list[Path]:
+    """Comma-separated dataset names/paths → manifest files (see ``DataArguments.dataset``)."""
+    dataset_dir = Path(cfg.resolve(cfg.data.dataset_dir))
+    info_file = dataset_dir / "dataset_info.json"
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.exists() else {}
+    out = []
+    for name in [s.strip() for s in str(spec).split(",") if s.strip()]:
+        tried = [Path(cfg.resolve(name)), dataset_dir / name] + [dataset_dir / (name + s) for s in MANIFEST_SUFFIXES]
+        if name in info:
+            entry = info[name]
+            tried.insert(0, dataset_dir / (entry.get("file_name", name) if isinstance(entry, dict) else str(entry)))
+        found = next((p for p in tried if p.is_file()), None)
+        if found is None:
+            names = sorted(set(info) | {p.stem for p in dataset_dir.glob("*") if p.suffix in MANIFEST_SUFFIXES}) \
+                if dataset_dir.is_dir() else []
+            close = difflib.get_close_matches(name, names, n=1)
+            raise ConfigError(f"{cfg.source}: dataset {name!r} not found (looked at {', '.join(map(str, tried))})"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+        out.append(found)
+    return out
+
+
+def load_records(paths: list[Path], split: str | None) -> list[Record]:
+    """All records of the manifests, filtered by ``split`` per manifest."""
+    records: list[Record] = []
+    for p in paths:
+        records += load_manifest(p, split=split)
+    return records
+
+
+def filter_invalid(records: list[Record], expected_dim: int | None, skip_invalid: bool, out_dir: Path,
+                   source: str) -> list[Record]:
+    """Validate every row and file; refuse bad data, or skip it and list it in ``skipped.jsonl``."""
+    from ..data.validate import validate_records
+
+    problems = validate_records(records, expected_dim=expected_dim)
+    if not problems:
+        return records
+    if not skip_invalid:
+        shown = "\n  ".join(p.format() for p in problems[:20])
+        more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ConfigError(f"{source}: {len(problems)} problem(s) in the data (set skip_invalid: true to skip "
+                          f"those rows, or run `wsi-llava validate`):\n  {shown}{more}")
+    bad = {(p.source, p.row) for p in problems}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "skipped.jsonl", "a", encoding="utf-8") as f:
+        for p in problems:
+            f.write(json.dumps({"source": p.source, "row": p.row, "field": p.field, "message": p.message}) + "\n")
+    kept = [r for r in records if (r.source, r.row) not in bad]
+    logger.warning("skipping %d invalid row(s); listed in %s", len(records) - len(kept), out_dir / "skipped.jsonl")
+    return kept
+
+
+def build_model(cfg: TrainConfig, feature_dim: int):
+    """The model and tokenizer for a stage: a saved WSI-LLaVA to continue from, or a new one around the
+    LM; the tower weights and the stage-2 projector loaded on top (strictly)."""
+    m = cfg.model
+    if m.model_name_or_path:
+        model, tokenizer = load_wsi_llava(cfg.resolve(m.model_name_or_path))
+    else:
+        vision_config = dict(m.vision_config)
+        if m.vision_mode == "wsi":
+            vision_config.setdefault("in_dim", feature_dim)
+            width = vision_config.get("embed_dim", 768)
+        else:
+            width = feature_dim
+        if m.mm_hidden_size is not None and m.mm_hidden_size != width:
+            raise ConfigError(f"{cfg.source}: mm_hidden_size {m.mm_hidden_size} does not match the width of the tokens "
+                              f"entering the projector ({width}: {'encoder width' if m.vision_mode == 'wsi' else 'tile feature width'})")
+        model, tokenizer = WsiLlavaForConditionalGeneration.from_llm(
+            cfg.resolve(m.llm_name_or_path), vision_mode=m.vision_mode, vision_config=vision_config,
+            mm_hidden_size=width, image_seq_length=m.image_seq_length, use_cls_token=m.use_cls_token,
+            vision_feature_select_mode=m.vision_feature_select_mode, select_options=m.select_options,
+            mm_vision_select_layer=m.mm_vision_select_layer, mm_projector_type=m.mm_projector_type,
+            projector_dropout=m.projector_dropout, gamma_min=m.gamma_min, gamma_max=m.gamma_max,
+            freeze_vision_tower=m.freeze_vision_tower)
+        if m.vision_tower:
+            from ..model.slide_encoder import load_slide_encoder
+
+            encoder = load_slide_encoder(cfg.resolve(m.vision_tower), **m.vision_config)
+            model.vision_tower.load_state_dict(encoder.state_dict(), strict=True)
+    if m.chat_template:
+        tokenizer.chat_template = m.chat_template
+    if m.projector_path:
+        load_projector(model, cfg.resolve(m.projector_path))
+    return model, tokenizer
+
+
+def _save_final(trainer, model, tokenizer, cfg: TrainConfig, out_dir: Path) -> None:
+    """Write the trained model atomically: into a temporary folder, then each file renamed into place.
+    LoRA runs also keep the adapter in ``adapter/`` and are saved merged."""
+    tmp = out_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if hasattr(model.language_model, "peft_config"):
+        model.language_model.save_pretrained(tmp / "adapter")
+        merge_lora(model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_projector(model, tmp / "projector.safetensors")
+    (tmp / "train_config.yaml").write_text(yaml.safe_dump(_config_dump(cfg), sort_keys=False), encoding="utf-8")
+    for item in tmp.iterdir():
+        dest = out_dir / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    tmp.rmdir()
+
+
+def _config_dump(cfg: TrainConfig) -> dict:
+    from dataclasses import asdict
+
+    return {**asdict(cfg.model), **asdict(cfg.data), **asdict(cfg.finetuning), **cfg.training}
+
+
+def plot_losses(log_history: list[dict], path: Path) -> None:
+    """Training (and eval) loss curves as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "eval_loss", "eval_sanity_check_loss"):
+        pts = [(h["step"], h[key]) for h in log_history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), label=key, marker="." if key != "loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_sft(cfg: TrainConfig) -> Path:
+    """Train stage 2 or 3 as configured; returns the output folder holding the final model."""
+    from transformers import TrainingArguments, set_seed
+
+    from .trainer import EpochCallback, WsiTrainer, cpu_precision_fallback
+
+    training = dict(cfg.training)
+    out_dir = Path(cfg.resolve(training["output_dir"]))
+    training["output_dir"] = str(out_dir)
+    seed = int(training.get("seed", 42))
+    set_seed(seed)
+    train_records = load_records(resolve_datasets(cfg.data.dataset, cfg), cfg.data.split)
+    eval_records = (load_records(resolve_datasets(cfg.data.eval_dataset, cfg), cfg.data.eval_split)
+                    if cfg.data.eval_dataset else [])
+    if not train_records:
+        raise ConfigError(f"{cfg.source}: dataset {cfg.data.dataset!r} has no rows" +
+                          (f" with split {cfg.data.split!r}" if cfg.data.split else ""))
+    train_records = filter_invalid(train_records, None, cfg.data.skip_invalid, out_dir, cfg.source)
+    if not train_records:
+        raise ConfigError(f"{cfg.source}: no valid training rows left")
+    feature_dim = read_slide_meta(train_records[0].h5_path)[1]
+    eval_records = filter_invalid(eval_records, feature_dim, cfg.data.skip_invalid, out_dir, cfg.source)
+
+    model, tokenizer = build_model(cfg, feature_dim)
+    set_trainable(model, cfg.model, cfg.finetuning)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("trainable parameters: %d of %d", n_train, sum(p.numel() for p in model.parameters()))
+    builder = PromptBuilder(tokenizer, model.config.num_image_tokens, cfg.data.cutoff_len,
+                            cfg.model.system_prompt or None)
+    expected_dim = feature_dim
+    train_ds = SlideQADataset(train_records, builder, cfg.data.patches_per_wsi, expected_dim, training=True, seed=seed)
+    eval_ds = (SlideQADataset(eval_records, builder, cfg.data.patches_per_wsi, expected_dim, training=False, seed=seed)
+               if eval_records else None)
+    training = cpu_precision_fallback(training)
+    training.setdefault("report_to", "none")
+    if not eval_ds:
+        training["eval_strategy"] = "no"
+        training["load_best_model_at_end"] = False
+    resume = training.pop("resume_from_checkpoint", None)
+    if training.get("gradient_checkpointing"):
+        training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    args = TrainingArguments(remove_unused_columns=False, label_names=["labels"], **training)
+    logger.info("training on %d process(es), %d example(s), %d trainable parameter(s)", args.world_size,
+                len(train_ds), n_train)
+    trainer = WsiTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         data_collator=SlideCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                         callbacks=[EpochCallback(train_ds)], loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
+                         do_sanity_check=cfg.finetuning.do_sanity_check)
+    trainer.train(resume_from_checkpoint=resume or None)
+    if trainer.is_world_process_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _save_final(trainer, model, tokenizer, cfg, out_dir)
+        with open(out_dir / "log_history.json", "w", encoding="utf-8") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+        if cfg.finetuning.plot_loss:
+            plot_losses(trainer.state.log_history, out_dir / "training_loss.png")
+    return out_dir

@@ -1,0 +1,68 @@
+"""Config loading in the LLaMA-Factory dialect."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from wsi_llava.config import ConfigError, config_from_dict, config_reference, load_config, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["stage2_projector.yaml", "stage3_vqa_lora.yaml"])
+def test_seed_configs_parse(name, caplog):
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(CONFIGS / name)
+    assert cfg.model.vision_mode == "wsi" and cfg.model.image_seq_length == 1536
+    assert cfg.training["gradient_accumulation_steps"] == 16
+    assert "warmup_ratio" not in cfg.training and "overwrite_output_dir" not in cfg.training
+    assert cfg.model.model_name_or_path is None  # custom_llava placeholder
+    assert sum("ignoring keys" in r.message for r in caplog.records) == 1  # one warning for all dead keys
+    assert "mm_use_im_patch_token" in caplog.text
+
+
+def test_stage3_specifics():
+    cfg = load_config(CONFIGS / "stage3_vqa_lora.yaml")
+    f = cfg.finetuning
+    assert f.finetuning_type == "lora" and f.lora_rank == 32 and f.lora_alpha == 64 and f.loraplus_lr_ratio == 10.0
+    assert "linear_1" in f.lora_target and f.do_sanity_check
+    assert cfg.training["warmup_steps"] == 0.1  # warmup_ratio → warmup_steps as a ratio (transformers 5)
+    assert cfg.model.projector_path.endswith("projector.safetensors")
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"'lora_rnak' \(did you mean 'lora_rank'\?\)"):
+        config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o", "lora_rnak": 8})
+
+
+def test_required_and_cross_field_errors():
+    with pytest.raises(ConfigError, match="llm_name_or_path"):
+        config_from_dict({"dataset": "d", "output_dir": "o"})
+    with pytest.raises(ConfigError, match="use_unsloth"):
+        config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o", "use_unsloth": True})
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o", "warmup_ratio": 1.5})
+    with pytest.raises(ConfigError, match="vision_mode"):
+        config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o", "vision_mode": "clip"})
+
+
+def test_renamed_and_overrides(tmp_path):
+    cfg = config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o", "no_cuda": True,
+                            "evaluation_strategy": "steps"})
+    assert cfg.training["use_cpu"] is True and cfg.training["eval_strategy"] == "steps"
+    assert parse_overrides(["a=1", "b=x", "c=[1, 2]", "d=true"]) == {"a": 1, "b": "x", "c": [1, 2], "d": True}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["oops"])
+    p = tmp_path / "c.yaml"
+    p.write_text("llm_name_or_path: x\ndataset: d\noutput_dir: o\nlearning_rate: 1.0e-3\n")
+    assert load_config(p, ["learning_rate=0.5"]).training["learning_rate"] == 0.5
+
+
+def test_config_reference_documents_every_field():
+    ref = config_reference()
+    for key in ("image_seq_length", "patches_per_wsi", "lora_target", "do_sanity_check", "skip_invalid"):
+        assert f"`{key}`" in ref
+    assert "| `gamma_min` | `1.0` |" in ref
