@@ -165,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [1024, 2048, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
     print(f"dilated attention (segments {list(SEGMENTS)}, dilations {list(DILATIONS)}) vs dense SDPA; "
-          f"B=1, {HEADS} heads x {HEAD_DIM} dims, float32, CPU")
+          f"B=1, {HEADS} heads x {HEAD_DIM} dims, float32, CPU ({os.cpu_count()} cores; "
+          f"load average before: {os.getloadavg()[0]:.1f})")
     attention_table(sizes, args.repeats)
     if args.big:
         big_case(0)
+    print(f"load average after: {os.getloadavg()[0]:.1f} (other processes on the machine distort small cases)")
     return 0
 
 

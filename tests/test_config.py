@@ -66,3 +66,10 @@ def test_config_reference_documents_every_field():
     for key in ("image_seq_length", "patches_per_wsi", "lora_target", "do_sanity_check", "skip_invalid"):
         assert f"`{key}`" in ref
     assert "| `gamma_min` | `1.0` |" in ref
+
+
+def test_readme_config_reference_is_current():
+    from wsi_llava.docs import render
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert render(readme) == readme, "README config reference is stale: run `python -m wsi_llava.docs README.md`"

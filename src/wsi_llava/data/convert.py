@@ -162,7 +162,8 @@ def main(args: argparse.Namespace) -> int:
         return 1
     for r in results:
         stream = sys.stderr if r.status == "failed" else sys.stdout
-        print(f"{r.status:>8}  {r.src}: {r.message}", file=stream)
+        text = r.message if r.status == "failed" else f"{r.src}: {r.message}"  # errors name the file
+        print(f"{r.status:>8}  {text}", file=stream)
     failed = sum(r.status == "failed" for r in results)
     written = sum(r.status == "written" for r in results)
     print(f"{written} written, {len(results) - written - failed} skipped, {failed} failed → {args.out}")

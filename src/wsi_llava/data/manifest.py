@@ -245,27 +245,36 @@ def record_problems(rec: Record) -> list[tuple[str, str]]:
 def read_manifest(path: str | os.PathLike, split: str | None = None) -> tuple[list[Record], list[Problem]]:
     """Read a manifest leniently: ``(good records, problems)``.
 
-    File-level problems (unreadable file, missing columns, bad encoding, bad JSON) come back as a
-    single Problem with ``row=0`` and no records. ``split`` keeps only rows whose ``split`` equals it
+    File-level problems (unreadable file, bad encoding, bad JSON: ``row=0`` or the offending line;
+    missing header columns: ``row=1``, one Problem per column) come back with no records. ``split`` keeps only rows whose ``split`` equals it
     (this manifest only; rows of other splits are neither returned nor checked). When the file has
     no split values at all, every row is kept: the file itself is the split.
     """
+    good, problems, _ = read_manifest_rows(path, split)
+    return good, problems
+
+
+def read_manifest_rows(
+    path: str | os.PathLike, split: str | None = None
+) -> tuple[list[Record], list[Problem], list[Record]]:
+    """Like :func:`read_manifest`, plus the records of rows that parsed but failed a content check
+    (so ``validate`` can still check the slide files those rows name): ``(good, problems, invalid)``."""
     path = os.fspath(path)
     source = path
     if not os.path.isfile(path):
-        return [], [Problem(source, 0, "path", f"manifest not found: {path}")]
+        return [], [Problem(source, 0, "path", f"manifest not found: {path}")], []
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
-        return [], [Problem(source, 0, "path", f"cannot read manifest: {e}")]
+        return [], [Problem(source, 0, "path", f"cannot read manifest: {e}")], []
     suffix = Path(path).suffix.lower()
     if suffix == ".csv":
-        recs, probs, _ = _read_csv(raw, source, split)
+        rows = _read_csv(raw, source, split)
     elif suffix in (".json", ".jsonl"):
-        recs, probs, _ = _read_sharegpt(raw, source, split, jsonl=suffix == ".jsonl")
+        rows = _read_sharegpt(raw, source, split, jsonl=suffix == ".jsonl")
     else:
-        return [], [Problem(source, 0, "path", f"unknown manifest type {suffix!r}; use .csv, .json or .jsonl")]
-    return recs, probs
+        return [], [Problem(source, 0, "path", f"unknown manifest type {suffix!r}; use .csv, .json or .jsonl")], []
+    return rows.good, rows.problems, rows.invalid
 
 
 def load_manifest(path: str | os.PathLike, split: str | None = None) -> list[Record]:
@@ -294,12 +303,12 @@ def load_manifest(path: str | os.PathLike, split: str | None = None) -> list[Rec
 
 
 def manifest_splits(path: str | os.PathLike) -> set[str]:
-    """The distinct non-empty ``split`` values of a manifest (valid rows only)."""
+    """The distinct non-empty ``split`` values of a manifest (every parsed row)."""
     path = os.fspath(path)
     raw = Path(path).read_bytes()
     if Path(path).suffix.lower() == ".csv":
-        return _read_csv(raw, path, None)[2]
-    return _read_sharegpt(raw, path, None, jsonl=path.lower().endswith(".jsonl"))[2]
+        return _read_csv(raw, path, None).splits
+    return _read_sharegpt(raw, path, None, jsonl=path.lower().endswith(".jsonl")).splits
 
 
 def _resolve(h5: str, base: Path) -> str:
@@ -333,22 +342,22 @@ def _opt(value: str | None) -> str | None:
     return value or None
 
 
-def _read_csv(raw: bytes, source: str, split: str | None) -> tuple[list[Record], list[Problem], set[str]]:
+def _read_csv(raw: bytes, source: str, split: str | None) -> _Rows:
     text, prob = _decode(raw, source)
     if prob:
-        return [], [prob], set()
+        return _Rows.failed([prob])
     base = Path(source).resolve().parent
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
     except StopIteration:
-        return [], [Problem(source, 0, "header", "empty file; expected a header row")], set()
+        return _Rows.failed([Problem(source, 0, "header", "empty file; expected a header row")])
     except csv.Error as e:
-        return [], [Problem(source, 1, "header", f"malformed CSV: {e}")], set()
+        return _Rows.failed([Problem(source, 1, "header", f"malformed CSV: {e}")])
     header = [h.strip() for h in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        return [], [
+        return _Rows.failed([
             Problem(
                 source,
                 1,
@@ -356,10 +365,10 @@ def _read_csv(raw: bytes, source: str, split: str | None) -> tuple[list[Record],
                 f"required column {c!r} missing (header has: {', '.join(header) or 'nothing'})",
             )
             for c in missing
-        ], set()
+        ])
     dupes = sorted({h for h in header if h and header.count(h) > 1})
     if dupes:
-        return [], [Problem(source, 1, dupes[0], f"column {dupes[0]!r} appears more than once in the header")], set()
+        return _Rows.failed([Problem(source, 1, dupes[0], f"column {dupes[0]!r} appears more than once in the header")])
     col = {h: i for i, h in enumerate(header)}
     rows = _Rows(split)
     prev_end = reader.line_num
@@ -409,7 +418,7 @@ def _read_csv(raw: bytes, source: str, split: str | None) -> tuple[list[Record],
         )
         row_probs += record_problems(rec)
         rows.add(split, rec, [Problem(source, start, f, m) for f, m in row_probs])
-    return rows.result()
+    return rows
 
 
 _ROLE = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -418,10 +427,10 @@ _ROLE = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 
 def _read_sharegpt(
     raw: bytes, source: str, split: str | None, jsonl: bool
-) -> tuple[list[Record], list[Problem], set[str]]:
+) -> _Rows:
     text, prob = _decode(raw, source)
     if prob:
-        return [], [prob], set()
+        return _Rows.failed([prob])
     items: list[tuple[int, object]] = []
     rows = _Rows(split)
     if jsonl:
@@ -436,9 +445,9 @@ def _read_sharegpt(
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            return [], [Problem(source, 0, "json", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")], set()
+            return _Rows.failed([Problem(source, 0, "json", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")])
         if not isinstance(data, list):
-            return [], [Problem(source, 0, "json", f"expected a list of conversations, got {type(data).__name__}")], set()
+            return _Rows.failed([Problem(source, 0, "json", f"expected a list of conversations, got {type(data).__name__}")])
         items = list(enumerate(data, start=1))
     base = Path(source).resolve().parent
     for row, item in items:
@@ -507,7 +516,7 @@ def _read_sharegpt(
                 source=source, row=row,
             )
             rows.add(row_split, rec, [Problem(source, row, f, msg) for f, msg in record_problems(rec)])
-    return rows.result()
+    return rows
 
 
 class _Rows:
@@ -519,14 +528,33 @@ class _Rows:
         self.rows: list[tuple[str | None, Record | None, list[Problem]]] = []
 
     def add(self, split: str | None, rec: Record | None, problems: list[Problem]) -> None:
-        self.rows.append((split, None if problems else rec, problems))
+        self.rows.append((split, rec, problems))
 
-    def result(self) -> tuple[list[Record], list[Problem], set[str]]:
-        present = {s for s, _, _ in self.rows if s is not None}
-        keep = self.rows
-        if self.split is not None and present:
-            # rows of the split, plus broken rows whose split could not be read (reported, not dropped)
-            keep = [r for r in self.rows if r[0] == self.split or (r[0] is None and r[2])]
-        records = [rec for _, rec, _ in keep if rec is not None]
-        problems = [p for _, _, probs in keep for p in probs]
-        return records, problems, present
+    @staticmethod
+    def failed(problems: list[Problem]) -> "_Rows":
+        rows = _Rows(None)
+        rows.add(None, None, problems)
+        return rows
+
+    @property
+    def splits(self) -> set[str]:
+        return {s for s, _, _ in self.rows if s is not None}
+
+    @property
+    def _kept(self) -> list[tuple[str | None, Record | None, list[Problem]]]:
+        if self.split is None or not self.splits:
+            return self.rows
+        # rows of the split, plus broken rows whose split could not be read (reported, not dropped)
+        return [r for r in self.rows if r[0] == self.split or (r[0] is None and r[2])]
+
+    @property
+    def good(self) -> list[Record]:
+        return [rec for _, rec, probs in self._kept if rec is not None and not probs]
+
+    @property
+    def invalid(self) -> list[Record]:
+        return [rec for _, rec, probs in self._kept if rec is not None and probs]
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for _, _, probs in self._kept for p in probs]

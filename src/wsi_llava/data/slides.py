@@ -448,7 +448,7 @@ def _read_chunked(path: str, dset: h5py.Dataset, key: str, idx: np.ndarray, dest
     cr, cc = dset.chunks
     n_row_chunks, n_col_chunks = math.ceil(n / cr), math.ceil(c / cc)
     need = np.unique(idx // cr)
-    if n_row_chunks > _LOOKUP_VS_ITER * len(need):
+    if n_row_chunks > _LOOKUP_VS_ITER * len(need) or not hasattr(dset.id, "chunk_iter"):  # HDF5 < 1.14
         return _read_chunk_direct(path, dset, key, idx, need, dest)
     itemsize = dset.dtype.itemsize
     chunk_bytes = cr * cc * itemsize

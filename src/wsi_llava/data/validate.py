@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .manifest import Problem, Record, option_lines, read_manifest, record_problems
+from .manifest import Problem, Record, option_lines, read_manifest_rows, record_problems
 from .slides import SlideError, load_slide, read_slide_meta, scan_slide
 
 __all__ = ["Problem", "validate_records", "validate_manifests", "estimate_words", "add_arguments", "main"]
@@ -45,6 +45,7 @@ def validate_records(
     image_tokens: int = 0,
     full_scan: bool = True,
     progress: bool = False,
+    files_only: Sequence[Record] = (),
 ) -> list[Problem]:
     """Every problem with these records and their slide files (empty list: all good).
 
@@ -60,6 +61,8 @@ def validate_records(
         full_scan: read every tile and coordinate of every file (NaN/Inf anywhere, unwritten
             chunks); False: structure plus the sampled tiles only (fast).
         progress: show a progress bar over files on stderr.
+        files_only: more records whose slide files are checked (file problems reported on their
+            rows) without row checks — rows that already failed manifest checks.
 
     Duplicate (slide_id, question) rows are looked for within each manifest (question compared
     case- and space-insensitively). Problems from one file are repeated for every row that uses it (``field="h5_path"``), so a
@@ -83,6 +86,9 @@ def validate_records(
             seen.setdefault(key, rec)
         if cutoff_len is not None:
             problems += _length_problems(rec, cutoff_len, image_tokens)
+        if rec.h5_path:
+            by_file[rec.h5_path].append(rec)
+    for rec in files_only:
         if rec.h5_path:
             by_file[rec.h5_path].append(rec)
 
@@ -149,12 +155,15 @@ def validate_manifests(
     Keyword arguments go to :func:`validate_records`.
     """
     records: list[Record] = []
+    invalid: list[Record] = []
     problems: list[Problem] = []
     for path in paths:
-        recs, probs = read_manifest(path, split)
+        recs, probs, bad = read_manifest_rows(path, split)
         records += recs
+        invalid += bad
         problems += probs
-    problems += validate_records(records, **kwargs)
+    problems += validate_records(records, files_only=invalid, **kwargs)
+    problems.sort(key=lambda p: (p.source, p.row))
     bad = {(p.source, p.row) for p in problems}
     good = [r for r in records if (r.source, r.row) not in bad]
     return good, problems

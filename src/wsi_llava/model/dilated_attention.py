@@ -7,7 +7,10 @@ Semantics (those of the original torchscale/GigaPath code, re-stated; see ``docs
   multiple of ``r``. Heads are split into ``r`` consecutive groups (``ceil(H / r)`` heads each, missing
   heads padded); head group ``g`` attends, inside each segment, from and to the positions
   ``g, g + r, g + 2r, ...``. Plain softmax attention with scale ``1/sqrt(Dh)``. Zero-padded rows are
-  ordinary keys there: score 0, value 0 (they *are* in the softmax).
+  ordinary keys there: score 0, value 0 (they *are* in the softmax). Outputs are re-assembled by
+  laying the padded segments end to end and cutting at L, as the original does; when ``r`` does not
+  divide ``w`` and there are several segments (real config: only beyond 185,363 tokens), later
+  segments therefore arrive shifted; this quirk is reproduced for checkpoint fidelity.
 * Branch outputs are mixed per (token, head) with weights ``softmax_b(lse_b)`` over the branches that
   contain the token for that head (the others get log-sum-exp ``-1e8``, weight 0); the weights carry
   no gradient.
@@ -48,7 +51,7 @@ __all__ = [
 
 #: log-sum-exp given to (token, head) pairs a branch does not cover (the original's value).
 UNCOVERED_LSE = -1e8
-#: query rows per block in the gradient-free log-sum-exp pass of :func:`sdpa_with_lse`.
+#: most float32 scores held at once by the gradient-free log-sum-exp pass of :func:`sdpa_with_lse`.
 LSE_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -164,8 +167,9 @@ def _gather(x: torch.Tensor, geo: BranchGeometry, end_to_end: bool = False) -> t
     return out.view(b * n * r, hh, m, *tail)
 
 
-def _scatter_add(result: torch.Tensor, y: torch.Tensor, geo: BranchGeometry) -> torch.Tensor:
-    """Add the dilated y [B*n*r, ceil(H/r), m, *t] back into result [B, L, H, *t] (in place; returns it).
+def _scatter_add(result: torch.Tensor, y: torch.Tensor, geo: BranchGeometry, copy: bool = False) -> torch.Tensor:
+    """Add (``copy``: write) the dilated y [B*n*r, ceil(H/r), m, *t] back into result [B, L, H, *t], in
+    place; returns result.
 
     Like the original, the dilation-padded segments are laid end to end and cut at L: position p takes
     row p // r, lane p % r. (When r divides w, or there is one segment, that is exactly where p came
@@ -179,31 +183,34 @@ def _scatter_add(result: torch.Tensor, y: torch.Tensor, geo: BranchGeometry) -> 
     if r * hh != heads:  # rare (padded heads): build the padded dense layout, crop, add
         dense = y.new_zeros(b, n, m, r, r, hh, *tail)
         dense.diagonal(0, 3, 4).copy_(flat.movedim(3, -1))
-        result += dense.view(b, n * m * r, r * hh, *tail)[:, :length, :heads]
+        dense = dense.view(b, n * m * r, r * hh, *tail)[:, :length, :heads]
+        if copy:  # every (position, head) is covered by exactly one lane here
+            covered = y.new_zeros(b, n, m, r, r, hh, dtype=torch.bool)
+            covered.diagonal(0, 3, 4).fill_(True)
+            covered = covered.view(b, n * m * r, r * hh)[:, :length, :heads]
+            result[covered] = dense[covered]
+        else:
+            result += dense
         return result
+    write = torch.Tensor.copy_ if copy else torch.Tensor.add_
     full_rows, lanes = divmod(length, r)
     full_segs, part = divmod(full_rows, m)
     if full_segs:
-        _rows(result, full_segs * m, geo).unflatten(1, (full_segs, m)).add_(flat[:, :full_segs])
+        write(_rows(result, full_segs * m, geo).unflatten(1, (full_segs, m)), flat[:, :full_segs])
     if part:
-        _rows(result[:, full_segs * m * r:], part, geo).add_(flat[:, full_segs, :part])
+        write(_rows(result[:, full_segs * m * r:], part, geo), flat[:, full_segs, :part])
     if lanes:
         s, i = divmod(full_rows, m)
         view = result[:, full_rows * r:].view(b, lanes, r, hh, *tail).diagonal(0, 1, 2)  # [B, hh, *t, lanes]
-        view.add_(flat[:, s, i, :lanes].movedim(1, -1))
+        write(view, flat[:, s, i, :lanes].movedim(1, -1))
     return result
 
 
 def _scatter(y: torch.Tensor, geo: BranchGeometry, fill: float = 0.0) -> torch.Tensor:
     """Inverse of :func:`_gather`: y [B*n*r, ceil(H/r), m, *t] → [B, L, H, *t]; uncovered entries = ``fill``."""
     b = y.shape[0] // (geo.num_segments * geo.dilation)
-    result = y.new_zeros(b, geo.length, geo.heads, *y.shape[3:])
-    _scatter_add(result, y, geo)
-    if fill != 0.0:
-        covered = _scatter_add(torch.zeros(b, geo.length, geo.heads, dtype=torch.bool, device=y.device),
-                               torch.ones(y.shape[:3], dtype=torch.bool, device=y.device), geo)
-        result = result.masked_fill(~covered, fill)
-    return result
+    result = y.new_full((b, geo.length, geo.heads, *y.shape[3:]), fill)
+    return _scatter_add(result, y, geo, copy=True)
 
 
 # ---------------------------------------------------------------------------------------------

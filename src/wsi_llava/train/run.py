@@ -198,7 +198,8 @@ def run_sft(cfg: TrainConfig) -> Path:
     if not eval_ds:
         training["eval_strategy"] = "no"
         training["load_best_model_at_end"] = False
-    resume = training.pop("resume_from_checkpoint", None)
+    resume = training.pop("resume_from_checkpoint", None)  # true or a path; resolved by WsiTrainer.train
+    checkpoint_limit = training.pop("save_total_limit", None)  # rotation over complete checkpoints (WsiTrainer)
     if training.get("gradient_checkpointing"):
         training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     args = TrainingArguments(remove_unused_columns=False, label_names=["labels"], **training)
@@ -207,7 +208,7 @@ def run_sft(cfg: TrainConfig) -> Path:
     trainer = WsiTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=SlideCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                          callbacks=[EpochCallback(train_ds)], loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
-                         do_sanity_check=cfg.finetuning.do_sanity_check)
+                         do_sanity_check=cfg.finetuning.do_sanity_check, checkpoint_limit=checkpoint_limit)
     trainer.train(resume_from_checkpoint=resume or None)
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ import logging
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .checkpoint import CrashSafeCheckpoints
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,8 +24,9 @@ class EpochCallback(TrainerCallback):
             self.dataset.set_epoch(int(state.epoch or 0))
 
 
-class WsiTrainer(Trainer):
-    """``Trainer`` + LoRA+ learning rates + ``eval_sanity_check_loss``."""
+class WsiTrainer(CrashSafeCheckpoints, Trainer):
+    """``Trainer`` + LoRA+ learning rates + ``eval_sanity_check_loss`` + crash-safe checkpoints and
+    verified resume (:class:`~wsi_llava.train.checkpoint.CrashSafeCheckpoints`; ``checkpoint_limit=``)."""
 
     def __init__(self, *args, loraplus_lr_ratio: float | None = None, do_sanity_check: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,0 +1,134 @@
+"""`wsi-llava embed --vision-tower PATH --data manifest.csv --out embeddings.h5`: one vector per slide.
+
+The slide embedding is the encoder's own (``norm`` of the CLS token, or of the mean of the tile
+tokens with ``--pool mean``), for linear probes and retrieval. Each distinct ``slide_id`` of the
+manifest is embedded once, with the deterministic evaluation sample of ``--patches-per-wsi`` tiles
+(default: every tile). An unreadable slide stops the run with the manifest row and file named
+(never a zero vector). The output is written to a temporary file and renamed into place.
+
+Output H5: ``embeddings`` [S, D] float32; ``slide_id``, ``h5_path``, ``case_id``, ``split``,
+``dataset`` [S] (UTF-8 strings, "" when absent); ``n_tiles`` [S] (tiles used); attrs ``pool``,
+``vision_tower``, ``patches_per_wsi`` (0 = all), ``slide_encoder_config`` (JSON), ``dim``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.collate import pad_tiles
+from ..data.manifest import Record, load_manifest
+from ..data.slides import SlideError, load_slide
+from ..model.slide_encoder import SlideEncoder
+
+STRING_COLUMNS = ("slide_id", "h5_path", "case_id", "split", "dataset")
+
+
+def unique_slides(records: list[Record]) -> list[Record]:
+    """The first record of each ``slide_id``, in manifest order. A slide id pointing at two different
+    files is an error naming both rows."""
+    first: dict[str, Record] = {}
+    for r in records:
+        seen = first.setdefault(r.slide_id, r)
+        if seen.h5_path != r.h5_path:
+            raise ValueError(f"{r.where} [h5_path]: slide {r.slide_id!r} is {r.h5_path} here but {seen.h5_path} "
+                             f"at {seen.where}")
+    return list(first.values())
+
+
+@torch.no_grad()
+def embed_slides(encoder: SlideEncoder, slides: list[Record], patches_per_wsi: int | None = None, pool: str = "cls",
+                 batch_size: int = 1, device: str | torch.device = "cpu",
+                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [S, D] float32 and tiles used [S] for ``slides`` (one record each), in order."""
+    encoder = encoder.to(device).eval()
+    dim = encoder.config.in_dim
+    out = np.zeros((len(slides), encoder.hidden_size), dtype=np.float32)
+    n_tiles = np.zeros(len(slides), dtype=np.int64)
+    with tqdm(total=len(slides), desc="embed", unit="slide", disable=not progress) as bar:
+        for start in range(0, len(slides), batch_size):
+            chunk = slides[start:start + batch_size]
+            feats, coords = [], []
+            for r in chunk:
+                try:
+                    s = load_slide(r.h5_path, patches_per_wsi, rng=None, expected_dim=dim)
+                except SlideError as e:
+                    raise SlideError(f"{r.where} [h5_path]: {e}") from e
+                feats.append(torch.from_numpy(s.features))
+                coords.append(torch.from_numpy(s.coords))
+            f, c, m = pad_tiles(feats, coords)
+            res = encoder(f.to(device), c.to(device), m.to(device))
+            emb = encoder.embed_slide(res, pool).float().cpu().numpy()
+            out[start:start + len(chunk)] = emb
+            n_tiles[start:start + len(chunk)] = [len(x) for x in feats]
+            bar.update(len(chunk))
+    if not np.isfinite(out).all():
+        bad = [slides[i].where for i in np.nonzero(~np.isfinite(out).all(1))[0][:5]]
+        raise ValueError(f"non-finite slide embeddings for {bad}")
+    return out, n_tiles
+
+
+def write_embeddings(out: str | os.PathLike, slides: list[Record], embeddings: np.ndarray, n_tiles: np.ndarray,
+                     attrs: dict) -> Path:
+    """Write the embeddings H5 (format in the module docstring) atomically."""
+    import h5py
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("embeddings", data=embeddings.astype(np.float32))
+            f.create_dataset("n_tiles", data=n_tiles)
+            for col in STRING_COLUMNS:
+                values = [getattr(r, col) or "" for r in slides]
+                f.create_dataset(col, data=np.array(values, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.attrs["dim"] = int(embeddings.shape[1])
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vision-tower", required=True,
+                        help="exported tower (tower.safetensors / slide_encoder.pth) or a stage-1 / WSI-LLaVA folder")
+    parser.add_argument("--data", required=True, help="manifest CSV (or sharegpt JSON); each slide_id once")
+    parser.add_argument("--out", required=True, help="embeddings H5 to write")
+    parser.add_argument("--split", help="only rows with this split value")
+    parser.add_argument("--pool", choices=("cls", "mean"), default="cls", help="CLS token (default) or mean of tiles")
+    parser.add_argument("--patches-per-wsi", type=int, default=0,
+                        help="tiles per slide, deterministic sample (default 0 = every tile)")
+    parser.add_argument("--batch-size", type=int, default=1, help="slides encoded together (padded)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    parser.add_argument("--vision-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="SlideEncoderConfig fields the weights do not store (e.g. num_heads=16)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..config import parse_overrides
+    from ..model.export import load_tower
+
+    if args.patches_per_wsi < 0 or args.batch_size < 1:
+        raise ValueError("--patches-per-wsi must be >= 0 and --batch-size >= 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    encoder = load_tower(args.vision_tower, **parse_overrides(args.vision_config))
+    slides = unique_slides(load_manifest(args.data, split=args.split))
+    if not slides:
+        raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
+    emb, n_tiles = embed_slides(encoder, slides, args.patches_per_wsi or None, args.pool, args.batch_size, device,
+                                progress=not args.no_progress)
+    attrs = {"pool": args.pool, "vision_tower": str(args.vision_tower), "patches_per_wsi": int(args.patches_per_wsi),
+             "slide_encoder_config": json.dumps(encoder.config.to_dict())}
+    write_embeddings(args.out, slides, emb, n_tiles, attrs)
+    print(f"wrote {len(slides)} slide embeddings of width {emb.shape[1]} to {args.out}")
+    return 0

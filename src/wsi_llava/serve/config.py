@@ -1,0 +1,62 @@
+"""Settings of ``wsi-llava serve`` (one dataclass; the CLI maps its flags onto it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: environment variable read for the bearer token when ``--api-key`` is not given
+API_KEY_ENV = "WSI_LLAVA_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    """What the server serves and the bounds it enforces."""
+
+    model: str
+    """Folder of a trained WSI-LLaVA model (``save_pretrained`` output with its tokenizer)."""
+    slides_root: str
+    """Folder whose ``.h5``/``.hdf5`` files (recursively) may be referenced by clients; nothing outside it is read."""
+    host: str = "127.0.0.1"
+    """Address to bind. Loopback by default; anything else exposes the server to the network."""
+    port: int = 8000
+    """TCP port."""
+    api_key: str | None = None
+    """Bearer token required on every ``/v1`` route (None: no authentication)."""
+    model_name: str | None = None
+    """Model id reported by ``/v1/models`` and required in requests (default: the model folder's name)."""
+    max_batch: int = 8
+    """Most requests generated together in one batch (1 = one at a time)."""
+    queue_size: int = 64
+    """Most requests waiting for the worker; more are answered 429."""
+    request_timeout: float = 120.0
+    """Seconds a request may take from arrival to its last token (queue wait included); then 504."""
+    max_body_bytes: int = 1_048_576
+    """Largest accepted request body; larger ones are answered 413."""
+    max_tokens_limit: int = 1024
+    """Largest ``max_tokens`` a request may ask for; larger values are answered 400."""
+    default_max_tokens: int = 256
+    """``max_tokens`` when a request gives none (capped by ``max_tokens_limit``)."""
+    max_messages: int = 128
+    """Most messages in one request."""
+    slide_cache_items: int = 32
+    """Most loaded slides (sampled tile features + coordinates) kept in memory."""
+    slide_cache_bytes: int = 2 * 2**30
+    """Memory bound of the slide cache (bytes of features + coordinates)."""
+    visual_cache_items: int = 256
+    """Most per-slide visual encodings (tower → selection → projector output) kept."""
+    visual_cache_bytes: int = 512 * 2**20
+    """Memory bound of the visual cache (bytes)."""
+    torch_threads: int | None = None
+    """Intra-op CPU threads of the generation worker (None: torch's default). Tiny models and busy
+    machines run faster on 1."""
+    max_listed_slides: int = 10_000
+    """Most entries ``GET /v1/slides`` returns (the answer says when it is truncated)."""
+
+    def __post_init__(self):
+        for name in ("max_batch", "queue_size", "max_body_bytes", "max_tokens_limit", "default_max_tokens",
+                     "max_messages", "max_listed_slides"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_limit)

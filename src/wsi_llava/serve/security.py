@@ -1,0 +1,151 @@
+"""Safety rules of the server: slides resolve only inside the slides root, bearer-token checks,
+loopback detection. Pure functions; errors are :class:`~wsi_llava.serve.errors.ApiError`.
+
+Slide references are what clients send: a slide id (a path relative to the root without its
+``.h5``/``.hdf5`` suffix, ``/``-separated) or the relative path with the suffix. Refused: absolute
+paths, ``..``/``.``/empty components, backslashes, NUL and other control characters, and anything
+whose real path (symlinks resolved) is not a regular ``.h5``/``.hdf5`` file inside the root's real
+path. A reference outside the root and a missing one get the same answer, so the server never tells
+what exists outside the root.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from .errors import ApiError
+
+#: file suffixes served as slides, tried in this order for a reference without one
+SLIDE_SUFFIXES = (".h5", ".hdf5")
+#: longest slide reference accepted (characters)
+MAX_REF_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class SlideRef:
+    """A slide reference that passed every check."""
+
+    id: str
+    """Canonical id: the path relative to the root, ``/``-separated, without the suffix."""
+    path: str
+    """Real (symlink-free) absolute path of the file; inside the root's real path."""
+
+
+def _invalid(ref: str, why: str) -> ApiError:
+    return ApiError(400, f"invalid slide reference {ref[:200]!r}: {why}", code="invalid_slide", param="slide")
+
+
+def _not_found(ref: str) -> ApiError:
+    return ApiError(404, f"slide {ref[:200]!r} not found under the slides root (GET /v1/slides lists them)",
+                    code="slide_not_found", param="slide")
+
+
+def check_ref_syntax(ref: object) -> str:
+    """The reference as a clean relative ``/`` path, or ApiError 400."""
+    if not isinstance(ref, str) or not ref:
+        raise ApiError(400, "a slide reference must be a non-empty string", code="invalid_slide", param="slide")
+    if len(ref) > MAX_REF_CHARS:
+        raise _invalid(ref, f"longer than {MAX_REF_CHARS} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in ref):
+        raise _invalid(ref, "control characters are not allowed")
+    if "\\" in ref:
+        raise _invalid(ref, "use '/' as the separator")
+    if ref.startswith("/") or os.path.isabs(ref) or ref.startswith("~"):
+        raise _invalid(ref, "absolute paths are not allowed; give a path relative to the slides root")
+    parts = ref.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise _invalid(ref, "'..', '.' and empty path components are not allowed")
+    return ref
+
+
+def real_root(root: str | os.PathLike) -> str:
+    """The slides root as a real absolute path; ValueError if it is not a folder."""
+    path = os.path.realpath(os.fspath(root))
+    if not os.path.isdir(path):
+        raise ValueError(f"slides root {os.fspath(root)!r} is not a folder")
+    return path
+
+
+def _inside(root: str, path: str) -> bool:
+    return path != root and os.path.commonpath([root, path]) == root
+
+
+def _slide_id(root: str, candidate: str) -> str:
+    rel = os.path.relpath(candidate, root).replace(os.sep, "/")
+    for suffix in SLIDE_SUFFIXES:
+        if rel.lower().endswith(suffix):
+            return rel[: -len(suffix)]
+    return rel
+
+
+def resolve_slide(root: str, ref: object) -> SlideRef:
+    """Turn a client's slide reference into a real file path inside ``root`` (a :func:`real_root`).
+
+    Raises ApiError 400 (malformed reference) or 404 (missing, outside the root, not a slide file).
+    """
+    ref = check_ref_syntax(ref)
+    has_suffix = ref.lower().endswith(SLIDE_SUFFIXES)
+    candidates = [ref] if has_suffix else [ref + s for s in SLIDE_SUFFIXES]
+    for cand in candidates:
+        joined = os.path.join(root, *cand.split("/"))
+        real = os.path.realpath(joined)
+        if not _inside(root, real):
+            raise _not_found(ref)
+        if not real.lower().endswith(SLIDE_SUFFIXES) or not os.path.isfile(real):
+            continue
+        return SlideRef(id=_slide_id(root, joined), path=real)
+    raise _not_found(ref)
+
+
+def list_slides(root: str, limit: int = 10_000) -> tuple[list[SlideRef], bool]:
+    """Every slide file under ``root`` that :func:`resolve_slide` would accept, sorted by id.
+
+    Returns ``(slides, truncated)``; at most ``limit`` entries. Symlinked folders are not followed;
+    symlinked files are listed only when they point inside the root.
+    """
+    out: list[SlideRef] = []
+    truncated = False
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or not name.lower().endswith(SLIDE_SUFFIXES):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+            try:
+                ref = resolve_slide(root, rel)
+            except ApiError:
+                continue
+            if len(out) >= limit:
+                truncated = True
+                break
+            out.append(ref)
+        if truncated:
+            break
+    out.sort(key=lambda r: r.id)
+    return out, truncated
+
+
+def bearer_ok(authorization: str | None, api_key: str | None) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <api_key>`` (constant-time compare).
+    Always True when no key is configured."""
+    if not api_key:
+        return True
+    if not authorization:
+        return False
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode("utf-8"), api_key.encode("utf-8"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to ``host`` keeps the server on this machine (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

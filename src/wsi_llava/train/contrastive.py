@@ -1,0 +1,246 @@
+"""Stage 1 (``stage: contrastive``): slide–text contrastive pretraining of the slide encoder.
+
+Pairs each slide with its report (``caption`` rows), encodes both with the GigaPath slide tower and a
+Hugging Face text tower, and trains with symmetric InfoNCE (:mod:`wsi_llava.model.slide_text`)
+under the Hugging Face ``Trainer`` (so ``torchrun`` runs it on several processes; with
+``gather_across_processes`` every process scores against all processes' batches). Evaluation embeds
+the *whole* validation set and logs slide→text and text→slide R@1/5/10 and mean/median rank
+(:mod:`wsi_llava.eval.retrieval`) and the whole-set loss as ``eval_loss``.
+
+Writes to ``output_dir``: ``contrastive_config.json`` (at the start), ``checkpoint-N/`` (Trainer),
+and at the end ``model.safetensors`` (every weight), ``tower.safetensors`` (the slide encoder with
+GigaPath key names — the stage-2 ``vision_tower``), ``metrics.json``, ``log_history.json`` and
+``train_config.yaml``; each file written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import Trainer
+
+from ..config import ConfigError, TrainConfig
+from ..data.slide_text import SlideTextCollator, SlideTextDataset, SlideTextPair, build_pairs
+from ..data.slides import read_slide_meta
+from ..eval.retrieval import slide_text_retrieval
+from ..model.export import STAGE1_CONFIG
+from ..model.slide_text import SlideTextConfig, SlideTextModel, symmetric_nce
+from ..model.text_tower import load_text_tower, pad_token_id, tokenize_texts
+from .run import filter_invalid, load_records, resolve_datasets
+from .trainer import EpochCallback, cpu_precision_fallback
+
+logger = logging.getLogger(__name__)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# data and model
+# ---------------------------------------------------------------------------------------------
+def load_pairs(cfg: TrainConfig, spec: str, split: str | None, expected_dim: int | None, out_dir: Path,
+               what: str) -> list[SlideTextPair]:
+    """Manifests → checked (slide, report) pairs; bad rows refused (or skipped with ``skip_invalid``)."""
+    records = load_records(resolve_datasets(spec, cfg), split)
+    pairs, no_caption = build_pairs(records, cfg.contrastive.contrastive_positives)
+    if not pairs:
+        raise ConfigError(f"{cfg.source}: {what} {spec!r} has no rows with a caption" +
+                          (f" and split {split!r}" if split else "") +
+                          " — stage 1 pairs each slide with its report (the caption column)")
+    if no_caption:
+        logger.info("%s: %d row(s) without a caption are not used by stage 1", what, no_caption)
+    kept = filter_invalid([p.record for p in pairs], expected_dim, cfg.data.skip_invalid, out_dir, cfg.source)
+    ok = {(r.source, r.row) for r in kept}
+    pairs = [p for p in pairs if (p.record.source, p.record.row) in ok]
+    if not pairs:
+        raise ConfigError(f"{cfg.source}: no valid {what} pairs left")
+    return pairs
+
+
+def build_stage1_model(cfg: TrainConfig, feature_dim: int):
+    """``(SlideTextModel, tokenizer)``: the slide tower from ``vision_tower`` (any checkpoint
+    ``load_tower`` reads) or random init shaped by ``vision_config``, and the text tower."""
+    from ..model.export import load_tower
+    from ..model.slide_encoder import SlideEncoder, SlideEncoderConfig
+
+    m, c = cfg.model, cfg.contrastive
+    vision_config = dict(m.vision_config)
+    if m.vision_tower:
+        encoder = load_tower(cfg.resolve(m.vision_tower), **vision_config)
+    else:
+        vision_config.setdefault("in_dim", feature_dim)
+        encoder = SlideEncoder(SlideEncoderConfig(**vision_config))
+    if encoder.config.in_dim != feature_dim:
+        raise ConfigError(f"{cfg.source}: the slide tower takes {encoder.config.in_dim}-wide tile features but the "
+                          f"data has {feature_dim}-wide features")
+    text_tower, tokenizer = load_text_tower(cfg.resolve(c.text_model_name_or_path))
+    heads = SlideTextConfig(slide_pool=c.slide_pool, projection_dim=c.projection_dim,
+                            init_temperature=c.init_temperature, max_logit_scale=c.max_logit_scale,
+                            freeze_slide_tower=m.freeze_vision_tower, freeze_text_tower=c.freeze_text_tower,
+                            gather_across_processes=c.gather_across_processes)
+    return SlideTextModel(encoder.train(), text_tower, heads), tokenizer
+
+
+def make_dataset(pairs: list[SlideTextPair], tokenizer, cfg: TrainConfig, feature_dim: int, training: bool,
+                 seed: int, what: str) -> SlideTextDataset:
+    ids, cut = tokenize_texts(tokenizer, [p.text for p in pairs], cfg.contrastive.text_max_length)
+    if cut:
+        logger.warning("%s: %d of %d report(s) are longer than text_max_length=%d tokens and were truncated",
+                       what, cut, len(pairs), cfg.contrastive.text_max_length)
+    return SlideTextDataset(pairs, ids, cfg.data.patches_per_wsi, feature_dim, training=training, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer
+# ---------------------------------------------------------------------------------------------
+class ContrastiveTrainer(Trainer):
+    """``Trainer`` whose evaluation is whole-set retrieval; no weight decay on the logit scale."""
+
+    last_retrieval: dict | None = None
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The Trainer's choice (no biases or norms) minus the logit scale and other 1-D parameters."""
+        shapes = {n: p.dim() for n, p in model.named_parameters()}
+        return [n for n in super().get_decay_parameter_names(model)
+                if "logit_scale" not in n and shapes.get(n, 2) >= 2]
+
+    @torch.no_grad()
+    def embed_pairs(self, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slide and text embeddings [M, E] and keys [M, 3] of every pair of ``dataset`` (all processes'
+        shares gathered, the distributed sampler's repeats dropped)."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        slides, texts, keys = [], [], []
+        try:
+            for batch in self.get_eval_dataloader(dataset):
+                batch = self._prepare_inputs(batch)
+                with self.accelerator.autocast():
+                    s = model.encode_slides(batch["features"], batch["coords"], batch["tile_mask"])
+                    t = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+                s, t, k = self.accelerator.gather_for_metrics((s.float(), t.float(), batch["keys"]))
+                slides.append(s.cpu())
+                texts.append(t.cpu())
+                keys.append(k.cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(slides), torch.cat(texts), torch.cat(keys)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Whole-set retrieval metrics and loss, logged as ``{prefix}_s2t_r1`` … and ``{prefix}_loss``."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluation needs an eval_dataset")
+        start = time.time()
+        slide, text, keys = self.embed_pairs(dataset)
+        model = self.accelerator.unwrap_model(self.model)
+        scale = model.current_logit_scale().detach().float().cpu()
+        retrieval, chance = slide_text_retrieval(slide, text, keys)
+        metrics = {f"{metric_key_prefix}_loss": float(symmetric_nce(slide, text, keys, scale)),
+                   **{f"{metric_key_prefix}_{k}": v for k, v in retrieval.items()},
+                   f"{metric_key_prefix}_temperature": float(1.0 / scale),
+                   f"{metric_key_prefix}_runtime": round(time.time() - start, 4)}
+        self.last_retrieval = {"retrieval": retrieval, "chance": chance, "n_pairs": len(keys),
+                               "loss": metrics[f"{metric_key_prefix}_loss"], "temperature": float(1.0 / scale)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _config_dump(cfg: TrainConfig) -> dict:
+    return {**asdict(cfg.model), **asdict(cfg.data), **asdict(cfg.finetuning), **asdict(cfg.contrastive),
+            **cfg.training}
+
+
+def stage1_description(cfg: TrainConfig, model: SlideTextModel, feature_dim: int) -> dict:
+    """What ``contrastive_config.json`` holds: the slide encoder architecture, heads, text model."""
+    return {"slide_encoder": model.slide_tower.config.to_dict(), "heads": asdict(model.cfg),
+            "text_model_name_or_path": cfg.resolve(cfg.contrastive.text_model_name_or_path),
+            "text_max_length": cfg.contrastive.text_max_length,
+            "contrastive_positives": cfg.contrastive.contrastive_positives, "feature_dim": feature_dim}
+
+
+def save_stage1(model: SlideTextModel, out_dir: Path) -> None:
+    """``model.safetensors`` (all weights, keys ``slide_tower.*``, ``text_tower.*`` …) and
+    ``tower.safetensors`` (the slide encoder, GigaPath key names), each written atomically."""
+    from safetensors.torch import save_file
+
+    from ..model.export import save_tower
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "model.safetensors")
+    save_tower(model.slide_tower, out_dir / "tower.safetensors")
+
+
+def run_contrastive(cfg: TrainConfig) -> Path:
+    """Train stage 1 as configured; returns the output folder (see the module docstring)."""
+    from transformers import TrainingArguments, set_seed
+
+    training = dict(cfg.training)
+    out_dir = Path(cfg.resolve(training["output_dir"]))
+    training["output_dir"] = str(out_dir)
+    seed = int(training.get("seed", 42))
+    set_seed(seed)
+    train_pairs = load_pairs(cfg, cfg.data.dataset, cfg.data.split, None, out_dir, "dataset")
+    feature_dim = read_slide_meta(train_pairs[0].record.h5_path)[1]
+    eval_pairs = (load_pairs(cfg, cfg.data.eval_dataset, cfg.data.eval_split, feature_dim, out_dir, "eval_dataset")
+                  if cfg.data.eval_dataset else [])
+    model, tokenizer = build_stage1_model(cfg, feature_dim)
+    train_ds = make_dataset(train_pairs, tokenizer, cfg, feature_dim, True, seed, "dataset")
+    eval_ds = make_dataset(eval_pairs, tokenizer, cfg, feature_dim, False, seed, "eval_dataset") if eval_pairs else None
+
+    training = cpu_precision_fallback(training)
+    training.setdefault("report_to", "none")
+    if eval_ds is None:
+        training["eval_strategy"] = "no"
+        training["load_best_model_at_end"] = False
+    resume = training.pop("resume_from_checkpoint", None)
+    args = TrainingArguments(remove_unused_columns=False, **training)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("stage 1 on %d process(es): %d train pair(s), %d eval pair(s); slide tower %s, text tower %s; "
+                "%d trainable parameter(s)", args.world_size, len(train_ds), len(eval_pairs),
+                "frozen" if model.cfg.freeze_slide_tower else "trainable",
+                "frozen" if model.cfg.freeze_text_tower else "trainable", n_train)
+    if args.process_index == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out_dir / STAGE1_CONFIG, json.dumps(stage1_description(cfg, model, feature_dim), indent=2))
+    trainer = ContrastiveTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                 data_collator=SlideTextCollator(pad_token_id(tokenizer)), processing_class=tokenizer,
+                                 callbacks=[EpochCallback(train_ds)])
+    trainer.train(resume_from_checkpoint=resume or None)
+    final = None
+    if eval_ds is not None:  # the whole validation set with the final weights (reused if just evaluated)
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_s2t_r1" in h), None)
+        final = last if last is not None and last.get("step") == trainer.state.global_step \
+            and trainer.last_retrieval is not None and not args.load_best_model_at_end else trainer.evaluate()
+    if trainer.is_world_process_zero():
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        save_stage1(unwrapped, out_dir)
+        _atomic_write_text(out_dir / "train_config.yaml", yaml.safe_dump(_config_dump(cfg), sort_keys=False))
+        _atomic_write_text(out_dir / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+        if final is not None:
+            history = [{k: v for k, v in h.items() if k.startswith("eval_") or k in ("step", "epoch")}
+                       for h in trainer.state.log_history if "eval_s2t_r1" in h]
+            summary = {"step": trainer.state.global_step, **trainer.last_retrieval, "history": history}
+            _atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
+            r, ch = trainer.last_retrieval["retrieval"], trainer.last_retrieval["chance"]
+            logger.info("validation retrieval: slide→text R@1 %.3f (chance %.3f), text→slide R@1 %.3f (chance %.3f)",
+                        r["s2t_r1"], ch["s2t_r1"], r["t2s_r1"], ch["t2s_r1"])
+    return out_dir
+

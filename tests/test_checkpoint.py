@@ -1,0 +1,234 @@
+"""Crash-safe checkpoints: SIGKILL mid-save then exact resume, disk full, rotation, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from wsi_llava.cli import main as cli
+from wsi_llava.train import checkpoint as ck
+from wsi_llava.train.checkpoint import CheckpointError
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def train_cfg(tiny_llm, cohort, out: Path, **kw) -> dict:
+    """Stage-2 run, 6 steps, a checkpoint every 2, projector dropout on (so the RNG state matters)."""
+    cfg = dict(llm_name_or_path=str(tiny_llm), dataset=str(cohort.train_csv), image_seq_length=6, patches_per_wsi=32,
+               cutoff_len=512, stage="sft", output_dir=str(out), per_device_train_batch_size=2, max_steps=6,
+               learning_rate=5e-3, logging_steps=1, report_to="none", save_steps=2, save_total_limit=2, seed=7,
+               dataloader_num_workers=0, disable_tqdm=True, finetuning_type="full", freeze_language_model=True,
+               projector_dropout=0.3)
+    cfg.update(kw)
+    return cfg
+
+
+def write_cfg(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    history = json.loads((out / "log_history.json").read_text())
+    return [(h["step"], h["loss"]) for h in history if "loss" in h]
+
+
+def names(run: Path) -> list[str]:
+    return [p.name for p in ck.list_checkpoints(run)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llm, cohort, tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    root = tmp_path_factory.mktemp("reference")
+    assert cli(["train", str(write_cfg(root / "c.yaml", train_cfg(tiny_llm, cohort, root / "run")))]) == 0
+    return root / "run"
+
+
+def test_reference_run_layout(reference):
+    assert names(reference) == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2 rotated checkpoint-2 away
+    assert not (reference / ck.STAGING_DIR).exists()
+    for name in names(reference):
+        manifest = ck.verify_checkpoint(reference / name)
+        assert manifest["step"] == int(name.split("-")[1])
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                "trainer_state.json"} <= set(manifest["files"])
+    assert [s for s, _ in losses(reference)] == [1, 2, 3, 4, 5, 6]
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import wsi_llava.train.checkpoint as ck
+
+    real = ck.write_manifest
+
+    def write_manifest_then_die(folder, step):
+        if step == 4:  # every file of checkpoint-4 is staged; die while its manifest is half written
+            (Path(folder) / ck.MANIFEST_NAME).write_text('{"format": "wsi-llava-checkpoint", "step": 4, "fil')
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(folder, step)
+
+    ck.write_manifest = write_manifest_then_die
+    from wsi_llava.cli import main
+    sys.exit(main(["train", sys.argv[1]]))
+""")
+
+
+def test_sigkill_during_save_then_resume_matches_uninterrupted(reference, tiny_llm, cohort, tmp_path, caplog):
+    run = tmp_path / "run"
+    cfg = train_cfg(tiny_llm, cohort, run)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(write_cfg(tmp_path / "c.yaml", cfg))],
+                          capture_output=True, text=True, timeout=200)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert names(run) == ["checkpoint-2"]  # the interrupted checkpoint-4 never appeared
+    assert (run / ck.STAGING_DIR / "checkpoint-4" / ck.MANIFEST_NAME).exists()  # the torn staging folder
+    ck.verify_checkpoint(run / "checkpoint-2")
+
+    caplog.set_level(logging.INFO)
+    cfg["resume_from_checkpoint"] = True
+    assert cli(["train", str(write_cfg(tmp_path / "c.yaml", cfg))]) == 0
+    assert f"resuming from {run / 'checkpoint-2'}" in caplog.text
+    assert "removing leftovers of interrupted checkpoint saves" in caplog.text
+    assert names(run) == ["checkpoint-4", "checkpoint-6"]
+    assert not (run / ck.STAGING_DIR).exists()
+    # the resumed run's per-step losses are exactly those of the uninterrupted run (same seed)
+    assert losses(run) == losses(reference)
+    for name in names(run):
+        ck.verify_checkpoint(run / name)
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(tiny_llm, cohort, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save_until_disk_full(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):
+            Path(f).write_bytes(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_disk_full)
+    run = tmp_path / "run"
+    cfg = train_cfg(tiny_llm, cohort, run, max_steps=4)
+    with pytest.raises(CheckpointError) as info:
+        cli(["train", str(write_cfg(tmp_path / "c.yaml", cfg))])
+    msg = str(info.value)
+    assert "step 4" in msg and "disk full" in msg
+    assert str(run / ck.STAGING_DIR / "checkpoint-4") in msg
+    assert f"last good checkpoint is {run / 'checkpoint-2'}" in msg
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    assert names(run) == ["checkpoint-2"]
+    assert not (run / ck.STAGING_DIR).exists()  # the partial folder was removed
+    ck.verify_checkpoint(run / "checkpoint-2")
+
+
+# ----------------------------------------------------------------------------------- unit level
+def fake_checkpoint(run: Path, step: int, complete: bool = True) -> Path:
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes([step]) * 100)
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    if complete:
+        ck.write_manifest(folder, step)
+    return folder
+
+
+def test_rotation_keeps_newest_complete_and_best(tmp_path):
+    run = tmp_path / "run"
+    for step in (1, 2, 3, 4, 5):
+        fake_checkpoint(run, step)
+    fake_checkpoint(run, 7, complete=False)  # an incomplete folder: neither counted nor deleted
+    removed = ck.rotate_checkpoints(run, 2, protect=[str(run / "checkpoint-1")])
+    assert sorted(p.name for p in removed) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert names(run) == ["checkpoint-1", "checkpoint-5", "checkpoint-7"]
+    assert not (run / ck.STAGING_DIR).exists()
+    # limit 1 with a best checkpoint: the newest complete one (5) stays too
+    fake_checkpoint(run, 6)
+    ck.rotate_checkpoints(run, 1, protect=[run / "checkpoint-1"])
+    assert names(run) == ["checkpoint-1", "checkpoint-6", "checkpoint-7"]
+    ck.rotate_checkpoints(run, 1)
+    assert names(run) == ["checkpoint-6", "checkpoint-7"]
+    assert ck.rotate_checkpoints(run, None) == [] and ck.rotate_checkpoints(run, 0) == []
+
+
+def test_publish_replaces_an_existing_folder_atomically(tmp_path):
+    run = tmp_path / "run"
+    old = fake_checkpoint(run, 3, complete=False)
+    (old / "stale.txt").write_text("old")
+    staging = run / ck.STAGING_DIR / "checkpoint-3"
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"new")
+    ck.publish_checkpoint(staging, run / "checkpoint-3", 3)
+    assert sorted(p.name for p in (run / "checkpoint-3").iterdir()) == [ck.MANIFEST_NAME, "model.safetensors"]
+    assert ck.verify_checkpoint(run / "checkpoint-3")["files"]["model.safetensors"]["size"] == 3
+    assert list((run / ck.STAGING_DIR).iterdir()) == []
+
+
+def test_corrupt_or_incomplete_checkpoints_are_skipped_on_resume(reference, tmp_path, caplog):
+    run = tmp_path / "run"
+    for name in names(reference):
+        shutil.copytree(reference / name, run / name)
+    assert ck.find_resume_checkpoint(run) == run / "checkpoint-6"
+
+    # flip one byte of the newest checkpoint's optimizer state: same size, different sha256
+    opt = run / "checkpoint-6" / "optimizer.pt"
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    opt.write_bytes(bytes(data))
+    # and a newer folder without a manifest (as a crash in an in-place writer leaves it)
+    fake_checkpoint(run, 8, complete=False)
+    caplog.set_level(logging.INFO)
+    assert ck.resolve_resume(True, run) == str(run / "checkpoint-4")
+    assert "skipping checkpoint" in caplog.text and "checkpoint-8" in caplog.text
+    assert "optimizer.pt: sha256 differs" in caplog.text
+
+    with pytest.raises(CheckpointError, match=r"checkpoint-6 cannot be resumed from: .*optimizer.pt: sha256 differs"):
+        ck.resolve_resume(str(run / "checkpoint-6"), run)
+    with pytest.raises(CheckpointError, match=r"checkpoint-8 cannot be resumed from: .*no checkpoint.json"):
+        ck.resolve_resume(str(run / "checkpoint-8"), run)
+
+    # truncated, extra and missing files are each refused with their own message
+    sched = run / "checkpoint-4" / "scheduler.pt"
+    sched.write_bytes(sched.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"scheduler.pt: size .* \(truncated"):
+        ck.verify_checkpoint(run / "checkpoint-4")
+    (run / "checkpoint-8" / "extra.bin").write_bytes(b"x")
+    ck.write_manifest(run / "checkpoint-8", 8)
+    (run / "checkpoint-8" / "intruder.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"not listed in checkpoint.json: \['intruder.pt'\]"):
+        ck.verify_checkpoint(run / "checkpoint-8")
+    (run / "checkpoint-8" / "intruder.pt").unlink()
+    (run / "checkpoint-8" / "extra.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"missing: \['extra.bin'\]"):
+        ck.verify_checkpoint(run / "checkpoint-8")
+    assert ck.resolve_resume(True, run) is None  # nothing usable left
+    assert "starting fresh" in caplog.text
+
+
+def test_resume_true_without_checkpoints_starts_fresh(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    assert ck.resolve_resume(True, tmp_path / "absent") is None
+    assert "starting fresh" in caplog.text
+    for off in (None, False, "false", ""):
+        assert ck.resolve_resume(off, tmp_path) is None
+    with pytest.raises(CheckpointError, match="not a folder"):
+        ck.resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_staging_leftovers_are_cleaned(tmp_path, caplog):
+    (tmp_path / ck.STAGING_DIR / "checkpoint-9").mkdir(parents=True)
+    (tmp_path / ck.STAGING_DIR / "checkpoint-9" / "optimizer.pt").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING):
+        assert ck.clean_staging(tmp_path) == ["checkpoint-9"]
+    assert not (tmp_path / ck.STAGING_DIR).exists() and "checkpoint-9" in caplog.text
+    assert ck.clean_staging(tmp_path) == []
