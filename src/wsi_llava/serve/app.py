@@ -16,6 +16,7 @@ and answered 500 without details.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import os
@@ -131,13 +132,18 @@ class SlideServer:
         self.created = int(time.time())
         tok = self.assistant.tokenizer
         self.special_tokens = tuple(t for t in tok.all_special_tokens if t)
+        #: prompts are tokenised on the event-loop thread with this copy, while the worker thread
+        #: decodes with the original (a fast tokenizer must not be used from two threads at once)
+        self.prompt_tokenizer = copy.deepcopy(tok)
         self.slides: LRUCache[Slide] = LRUCache(config.slide_cache_items, config.slide_cache_bytes,
                                                 lambda s: s.features.nbytes + s.coords.nbytes)
         self.encoder = VisualEncoder(self.assistant.model,
                                      LRUCache(config.visual_cache_items, config.visual_cache_bytes, lambda v: v.nbytes()))
         self.queue = BatchQueue(config.queue_size)
         self.worker = BatchWorker(self.queue, self.run_batch, config.max_batch, on_start=self._worker_start)
-        self._builders: dict[str | None, PromptBuilder] = {None: self.assistant.builder}
+        base = self.assistant.builder
+        self._builders: dict[str | None, PromptBuilder] = {
+            None: PromptBuilder(self.prompt_tokenizer, base.num_image_tokens, base.cutoff_len, base.system_prompt)}
         self._builders_lock = threading.Lock()
 
     # -- slides ----------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ class SlideServer:
             b = self._builders.get(system)
             if b is None:
                 base = self.assistant.builder
-                b = PromptBuilder(self.assistant.tokenizer, base.num_image_tokens, base.cutoff_len, system)
+                b = PromptBuilder(self.prompt_tokenizer, base.num_image_tokens, base.cutoff_len, system)
                 if len(self._builders) < 64:
                     self._builders[system] = b
             return b
@@ -386,7 +392,7 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None) -> 
         async def next_event() -> tuple[str, object]:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError
+                raise asyncio.TimeoutError
             return await asyncio.wait_for(events.get(), remaining)
 
         if not req.stream:
@@ -397,7 +403,7 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None) -> 
                         return _completion(server, cid, created, req, ref, slide, value)
                     if kind == "error":
                         raise value
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise timeout_error from None
             finally:
                 cancelled.set()
@@ -428,7 +434,7 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None) -> 
                                         "model": server.model_name, "choices": [], "usage": _usage(value)})
                         yield _sse("[DONE]")
                         return
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 yield _sse(timeout_error.body())
             finally:
                 cancelled.set()

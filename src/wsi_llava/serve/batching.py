@@ -150,7 +150,8 @@ class BatchWorker:
         """Close the queue (waiting jobs get a 503), let the current batch finish, join the thread."""
         for job in self.queue.close():
             job.emit("error", ApiError(503, "the server is shutting down", code="shutting_down"))
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     def _loop(self) -> None:
         if self.on_start is not None:

@@ -18,6 +18,7 @@ N tiles of a slide.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -236,15 +237,16 @@ def generate_rows(model, tokenizer, rows: list[Row], visuals: list[Visual]) -> l
     embeds = model.merge(input_ids, embeds, torch.stack([v.embeds for v in visuals]).to(device))
     controller = RowController(tokenizer, rows, eos_token_ids(model, tokenizer))
     first = rows[0].settings
-    kwargs = dict(max_new_tokens=max(r.settings.max_new_tokens for r in rows), pad_token_id=pad,
-                  eos_token_id=sorted(controller.eos_ids) or None,
-                  stopping_criteria=StoppingCriteriaList([controller]))
+    gen = copy.deepcopy(model.generation_config)
+    gen.update(max_new_tokens=max(r.settings.max_new_tokens for r in rows), pad_token_id=pad,
+               eos_token_id=sorted(controller.eos_ids) or None)
     if first.temperature > 0:
         torch.manual_seed(first.seed)
-        kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=None)
+        gen.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=None)
     else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    model.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention, **kwargs)
+        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    model.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention,
+                                  generation_config=gen, stopping_criteria=StoppingCriteriaList([controller]))
     controller.finish_unended()
     return [RowResult(st.text, st.finish_reason, len(r.example.input_ids), st.n_generated, v)
             for r, st, v in zip(rows, controller.state, visuals)]

@@ -32,7 +32,7 @@ class TinyServing:
 
 
 def build_tiny_serving(out: str | Path, n_slides: int = 4, feature_dim: int = 16, image_seq_length: int = 6,
-                       steps: int = 60, seed: int = 0) -> TinyServing:
+                       steps: int = 150, seed: int = 0) -> TinyServing:
     """Write ``out/model`` (tiny WSI-LLaVA + tokenizer) and ``out/cohort/slides/*.h5``.
 
     Trains on one intra-op thread (tiny matrices: faster, and no spinning on a busy machine)."""
@@ -79,3 +79,17 @@ def _teach(model, builder, slides, opt, steps: int) -> None:
         opt.zero_grad()
         out_.loss.backward()
         opt.step()
+
+
+def tiny_serving_cached(folder: str | Path) -> TinyServing:
+    """:func:`build_tiny_serving` into ``folder`` once; later calls (other test modules, other
+    benchmark runs) reuse it. A ``READY`` marker is written last, so an interrupted build is redone."""
+    folder = Path(folder)
+    if not (folder / "READY").exists():
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        build_tiny_serving(folder)
+        (folder / "READY").write_text("ok\n")
+    root = folder / "cohort" / "slides"
+    return TinyServing(folder / "model", root, sorted(p.stem for p in root.glob("*.h5")))

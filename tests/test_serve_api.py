@@ -1,0 +1,313 @@
+"""The live server on loopback with the tiny model: the official `openai` client (plain, streaming,
+explain, multi-turn), error format, path escapes, size limits, auth, 429 under a full queue, timeouts,
+batching."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import torch
+from openai import OpenAI
+
+from wsi_llava.infer.engine import GenerationSettings, SlideAssistant
+from wsi_llava.serve.app import create_app
+from wsi_llava.serve.config import ServeConfig
+from wsi_llava.serve.live import running
+from wsi_llava.serve.tiny import tiny_serving_cached
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The shared tiny model with a private copy of its slides (these tests add files to the root)."""
+    shared = tiny_serving_cached(tmp_path_factory.getbasetemp() / "serve_tiny")
+    root = tmp_path_factory.mktemp("serve_api") / "slides"
+    shutil.copytree(shared.slides_root, root)
+    return dataclasses.replace(shared, slides_root=root)
+
+
+@pytest.fixture(scope="module")
+def assistant(tiny):
+    return SlideAssistant.from_pretrained(tiny.model_dir)
+
+
+def _config(tiny, **kw) -> ServeConfig:
+    base = dict(model=str(tiny.model_dir), slides_root=str(tiny.slides_root), model_name=MODEL, torch_threads=1,
+                max_tokens_limit=64, default_max_tokens=32, max_body_bytes=20_000)
+    base.update(kw)
+    return ServeConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def server(tiny, assistant):
+    app = create_app(_config(tiny, max_batch=4, queue_size=32), assistant)
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _ask(slide: str, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "slide", "slide": slide}, {"type": "text", "text": text}]}]
+
+
+@contextmanager
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _is_openai_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in resp.text and "/tmp" not in resp.text
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+# --------------------------------------------------------------------------------- happy paths
+
+
+def test_models_health_and_slides(server, client, tiny):
+    url, _ = server
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+    slides = httpx.get(url + "/v1/slides").json()
+    assert [s["id"] for s in slides["data"]] == tiny.slide_ids and not slides["truncated"]
+    tiles = httpx.get(f"{url}/v1/slides/{tiny.slide_ids[0]}/tiles").json()
+    assert tiles["n_used"] == len(tiles["coords"]) > 0 and tiles["tile_size"] == 256.0
+    info = httpx.get(f"{url}/v1/slides/{tiny.slide_ids[0]}.h5").json()
+    assert info["id"] == tiny.slide_ids[0] and info["dim"] == 16
+
+
+def test_plain_completion_matches_the_engine(client, assistant, tiny):
+    slide = tiny.slide_ids[0]
+    r = client.chat.completions.create(model=MODEL, messages=_ask(slide, "What is the diagnosis?"), max_tokens=40)
+    text = r.choices[0].message.content
+    assert text.startswith("the slide shows")  # what the tiny model was taught
+    assert r.choices[0].finish_reason in ("stop", "length") and r.object == "chat.completion"
+    image_tokens = assistant.model.config.num_image_tokens
+    assert r.usage.prompt_tokens > image_tokens and r.usage.completion_tokens > 3
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    with one_thread():
+        ref = assistant.answer([assistant.load(tiny.slides_root / f"{slide}.h5")], ["What is the diagnosis?"],
+                               settings=GenerationSettings(max_new_tokens=40))[0]
+    assert text == ref.text and r.usage.prompt_tokens == ref.prompt_tokens
+
+
+def test_streaming_equals_plain_and_reports_usage(client, tiny):
+    messages = _ask(tiny.slide_ids[1], "Describe this slide.")
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 3 and "".join(deltas) == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_explain_returns_tiles_and_scores(server, client, tiny, assistant):
+    url, _ = server
+    slide = tiny.slide_ids[2]
+    r = client.chat.completions.create(model=MODEL, messages=_ask(slide, "Is there a tumor?"), max_tokens=5,
+                                       extra_body={"explain": True})
+    ex = r.explain
+    tiles = httpx.get(f"{url}/v1/slides/{slide}/tiles").json()
+    k = assistant.model.config.image_seq_length
+    assert ex["slide"] == slide and ex["selector"] == "prompt_topk" and ex["n_tiles"] == tiles["n_used"]
+    assert len(ex["tile_indices"]) == k and len(ex["scores"]) == ex["n_tiles"]
+    assert ex["coords"] == [tiles["coords"][i] for i in ex["tile_indices"]]
+    assert ex["tile_scores"] == [ex["scores"][i] for i in ex["tile_indices"]]
+    top = sorted(range(len(ex["scores"])), key=lambda i: -ex["scores"][i])[:k]
+    assert sorted(top) == sorted(ex["tile_indices"])  # prompt top-K keeps the best-scored tiles
+    stream = client.chat.completions.create(model=MODEL, messages=_ask(slide, "Is there a tumor?"), max_tokens=5,
+                                            stream=True, extra_body={"explain": True})
+    explained = [c.explain for c in stream if getattr(c, "explain", None)]
+    assert explained == [ex]
+
+
+def test_extra_body_slide_multi_turn_and_system(client, tiny):
+    def ask(messages):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                              extra_body={"slide": tiny.slide_ids[0]})
+
+    history = [{"role": "user", "content": "What is the diagnosis?"}, {"role": "assistant", "content": "A tumor."}]
+    last = {"role": "user", "content": "What grade is it?"}
+    one, two = ask([last]), ask([*history, last])
+    three = ask([{"role": "system", "content": "Be terse."}, *history, last])
+    assert one.choices[0].message.content and two.choices[0].message.content and three.choices[0].message.content
+    assert two.usage.prompt_tokens > one.usage.prompt_tokens + 8  # the earlier turn is in the prompt
+    assert three.usage.prompt_tokens < two.usage.prompt_tokens  # the short system prompt replaced the default
+
+
+def test_stop_max_tokens_and_seed(client, tiny):
+    messages = _ask(tiny.slide_ids[0], "What is the diagnosis?")
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40).choices[0].message.content
+    assert "sheets" in full
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, stop=["sheets"])
+    assert cut.choices[0].finish_reason == "stop" and full.startswith(cut.choices[0].message.content)
+    assert "sheets" not in cut.choices[0].message.content
+    short = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    sampled = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1.5,
+                                              seed=seed).choices[0].message.content for seed in (7, 7, 8, 9)]
+    assert sampled[0] == sampled[1] and len(set(sampled)) > 1
+
+
+def test_concurrent_requests_are_batched_with_the_same_answers(server, client, tiny):
+    url, app = server
+    messages = _ask(tiny.slide_ids[3], "What is the diagnosis?")
+    alone = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20).choices[0].message.content
+    before = app.state.server.worker.stats()
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            body = {"model": MODEL, "messages": messages, "max_tokens": 20}
+            return await asyncio.gather(*[c.post("/v1/chat/completions", json=body) for _ in range(8)])
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    assert {r.json()["choices"][0]["message"]["content"] for r in responses} == {alone}
+    after = app.state.server.worker.stats()
+    assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < 8
+    assert app.state.server.encoder.cache.stats()["hits"] > 0  # the slide was encoded once
+
+
+# ---------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("slide,status", [
+    ("../model/config", 400), ("/etc/passwd", 400), ("SYN-0000-0000/../../model/model", 400),
+    ("..%2F..%2Fetc%2Fpasswd", 404), ("nope", 404), ("escape_link", 404), ("escape_dir/secret", 404),
+])
+def test_path_escapes_are_refused(server, tiny, slide, status):
+    url, _ = server
+    root = tiny.slides_root
+    secret = root.parent / "secret.h5"
+    secret.write_bytes((root / f"{tiny.slide_ids[0]}.h5").read_bytes())  # a valid slide outside the root
+    for name, target in (("escape_link.h5", secret), ("escape_dir", root.parent)):
+        if not (root / name).is_symlink():
+            os.symlink(target, root / name)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "slide": slide}
+    _is_openai_error(httpx.post(url + "/v1/chat/completions", json=body), status)
+    assert httpx.get(f"{url}/v1/slides/{slide}/tiles").status_code in (400, 404)
+    listed = [s["id"] for s in httpx.get(url + "/v1/slides").json()["data"]]
+    assert "escape_link" not in listed and not any(i.startswith("escape_dir") for i in listed)
+
+
+def test_error_format_for_bad_requests(server, tiny):
+    url, _ = server
+    post = lambda body, **kw: httpx.post(url + "/v1/chat/completions", content=body, **kw)  # noqa: E731
+    ok_messages = [{"role": "user", "content": "hi"}]
+    _is_openai_error(post(b"{not json"), 400, "invalid_json")
+    _is_openai_error(post(json.dumps({"model": "gpt-4", "messages": ok_messages, "slide": tiny.slide_ids[0]})), 404,
+                     "model_not_found")
+    _is_openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages})), 400, "missing_slide")
+    err = _is_openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages, "slide": tiny.slide_ids[0],
+                                            "max_tokens": 65})), 400, "invalid_value")
+    assert err["param"] == "max_tokens"
+    long = [{"role": "user", "content": "x" * 19_000}]  # more tokens than the model's cutoff_len (8192)
+    _is_openai_error(post(json.dumps({"model": MODEL, "messages": long, "slide": tiny.slide_ids[0]})), 400,
+                     "context_length_exceeded")
+    _is_openai_error(httpx.get(url + "/v1/nothing"), 404, "not_found")
+    _is_openai_error(httpx.delete(url + "/v1/models"), 405)
+    # a corrupt file inside the root: a clear message naming the slide id, no server path
+    (tiny.slides_root / "broken.h5").write_bytes(b"not hdf5")
+    err = _is_openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages, "slide": "broken"})), 400,
+                           "invalid_slide_file")
+    assert "broken" in err["message"] and str(tiny.slides_root) not in err["message"]
+
+
+def test_oversize_requests_are_refused(server, client, tiny):
+    url, _ = server
+    big = {"model": MODEL, "slide": tiny.slide_ids[0], "messages": [{"role": "user", "content": "x" * 30_000}]}
+    _is_openai_error(httpx.post(url + "/v1/chat/completions", json=big), 413, "request_too_large")
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"y" * 1000
+        yield b'"}]}'
+
+    _is_openai_error(httpx.post(url + "/v1/chat/completions", content=chunked()), 413, "request_too_large")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=_ask(tiny.slide_ids[0], "hi"), max_tokens=10_000)
+    assert err.value.body["param"] == "max_tokens"
+
+
+def test_auth_with_bearer_token(tiny, assistant):
+    app = create_app(_config(tiny, api_key="s3cret"), assistant)
+    with running(app) as url:
+        body = {"model": MODEL, "messages": _ask(tiny.slide_ids[0], "hi"), "max_tokens": 2}
+        _is_openai_error(httpx.post(url + "/v1/chat/completions", json=body), 401, "invalid_api_key")
+        _is_openai_error(httpx.get(url + "/v1/slides", headers={"Authorization": "Bearer wrong"}), 401)
+        _is_openai_error(httpx.get(f"{url}/v1/slides/{tiny.slide_ids[0]}/tiles"), 401)
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(**body).choices[0].message.content
+        assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/").status_code == 200
+
+
+def test_full_queue_answers_429(tiny, assistant):
+    app = create_app(_config(tiny, max_batch=1, queue_size=1), assistant)
+    with running(app) as url:
+        body = {"model": MODEL, "messages": _ask(tiny.slide_ids[0], "What is the diagnosis?"), "max_tokens": 64}
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return await asyncio.gather(*[c.post("/v1/chat/completions", json=body) for _ in range(12)])
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 2, codes
+        busy = next(r for r in responses if r.status_code == 429)
+        _is_openai_error(busy, 429, "queue_full")
+        assert busy.headers["retry-after"] == "1"
+
+
+def test_request_timeout_answers_504(tiny, assistant):
+    app = create_app(_config(tiny, request_timeout=0.001), assistant)
+    with running(app) as url:
+        body = {"model": MODEL, "messages": _ask(tiny.slide_ids[0], "hi"), "max_tokens": 64}
+        _is_openai_error(httpx.post(url + "/v1/chat/completions", json=body), 504, "timeout")
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data:")]
+        assert r.status_code == 200 and json.loads(events[-1][5:])["error"]["code"] == "timeout"
+        assert "[DONE]" not in events[-1]
+
+
+def test_viewer_files_are_served_with_a_strict_policy(server):
+    url, _ = server
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "<canvas id=\"heatmap\"" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "http" not in page.text.split("<body>")[1].replace("http-equiv", "")  # no CDN, nothing remote
+    js = httpx.get(url + "/static/app.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert ".innerHTML" not in js.text and "eval(" not in js.text
+    _is_openai_error(httpx.get(url + "/static/../serve/app.py"), 404)
+    _is_openai_error(httpx.get(url + "/static/secret.py"), 404)
