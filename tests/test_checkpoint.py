@@ -23,8 +23,12 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def train_cfg(tiny_llm, cohort, out: Path, **kw) -> dict:
-    """Stage-2 run, 6 steps, a checkpoint every 2, projector dropout on (so the RNG state matters)."""
-    cfg = dict(llm_name_or_path=str(tiny_llm), dataset=str(cohort.train_csv), image_seq_length=6, patches_per_wsi=32,
+    """Stage-2 run, 6 steps, a checkpoint every 2, projector dropout on (so the RNG state matters),
+    evaluation at every checkpoint with a best checkpoint tracked (``greater_is_better`` on the loss
+    only so that the best one is usually an old one, which rotation must keep)."""
+    cfg = dict(llm_name_or_path=str(tiny_llm), dataset=str(cohort.train_csv), eval_dataset=str(cohort.test_csv),
+               eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+               greater_is_better=True, image_seq_length=6, patches_per_wsi=32,
                cutoff_len=512, stage="sft", output_dir=str(out), per_device_train_batch_size=2, max_steps=6,
                learning_rate=5e-3, logging_steps=1, report_to="none", save_steps=2, save_total_limit=2, seed=7,
                dataloader_num_workers=0, disable_tqdm=True, finetuning_type="full", freeze_language_model=True,
@@ -38,9 +42,10 @@ def write_cfg(path: Path, cfg: dict) -> Path:
     return path
 
 
-def losses(out: Path) -> list[tuple[int, float]]:
+def losses(out: Path) -> list[tuple[int, str, float]]:
+    """(step, "loss" | "eval_loss", value) of every logged training and evaluation loss."""
     history = json.loads((out / "log_history.json").read_text())
-    return [(h["step"], h["loss"]) for h in history if "loss" in h]
+    return [(h["step"], k, h[k]) for h in history for k in ("loss", "eval_loss") if k in h]
 
 
 def names(run: Path) -> list[str]:
@@ -55,15 +60,26 @@ def reference(tiny_llm, cohort, tmp_path_factory) -> Path:
     return root / "run"
 
 
+def kept(run: Path) -> list[str]:
+    """What rotation with save_total_limit 2 must leave: the newest complete checkpoint and the best one
+    (plus the next newest when the best is the newest)."""
+    state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
+    best = Path(state["best_model_checkpoint"])
+    assert best.parent == run and best.name == f"checkpoint-{state['best_global_step']}"  # the published folder
+    return sorted({"checkpoint-6", best.name} | ({"checkpoint-4"} if best.name == "checkpoint-6" else set()),
+                  key=lambda n: int(n.split("-")[1]))
+
+
 def test_reference_run_layout(reference):
-    assert names(reference) == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2 rotated checkpoint-2 away
+    assert names(reference) == kept(reference)
     assert not (reference / ck.STAGING_DIR).exists()
     for name in names(reference):
         manifest = ck.verify_checkpoint(reference / name)
         assert manifest["step"] == int(name.split("-")[1])
         assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                 "trainer_state.json"} <= set(manifest["files"])
-    assert [s for s, _ in losses(reference)] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, k, _ in losses(reference) if k == "loss"] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, k, _ in losses(reference) if k == "eval_loss"] == [2, 4, 6]
 
 
 CHILD = textwrap.dedent("""
@@ -100,7 +116,7 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(reference, tiny_l
     assert cli(["train", str(write_cfg(tmp_path / "c.yaml", cfg))]) == 0
     assert f"resuming from {run / 'checkpoint-2'}" in caplog.text
     assert "removing leftovers of interrupted checkpoint saves" in caplog.text
-    assert names(run) == ["checkpoint-4", "checkpoint-6"]
+    assert names(run) == kept(run) == kept(reference)
     assert not (run / ck.STAGING_DIR).exists()
     # the resumed run's per-step losses are exactly those of the uninterrupted run (same seed)
     assert losses(run) == losses(reference)
@@ -179,6 +195,7 @@ def test_corrupt_or_incomplete_checkpoints_are_skipped_on_resume(reference, tmp_
     for name in names(reference):
         shutil.copytree(reference / name, run / name)
     assert ck.find_resume_checkpoint(run) == run / "checkpoint-6"
+    older = names(run)[0]
 
     # flip one byte of the newest checkpoint's optimizer state: same size, different sha256
     opt = run / "checkpoint-6" / "optimizer.pt"
@@ -188,7 +205,7 @@ def test_corrupt_or_incomplete_checkpoints_are_skipped_on_resume(reference, tmp_
     # and a newer folder without a manifest (as a crash in an in-place writer leaves it)
     fake_checkpoint(run, 8, complete=False)
     caplog.set_level(logging.INFO)
-    assert ck.resolve_resume(True, run) == str(run / "checkpoint-4")
+    assert ck.resolve_resume(True, run) == str(run / older)
     assert "skipping checkpoint" in caplog.text and "checkpoint-8" in caplog.text
     assert "optimizer.pt: sha256 differs" in caplog.text
 
@@ -198,10 +215,10 @@ def test_corrupt_or_incomplete_checkpoints_are_skipped_on_resume(reference, tmp_
         ck.resolve_resume(str(run / "checkpoint-8"), run)
 
     # truncated, extra and missing files are each refused with their own message
-    sched = run / "checkpoint-4" / "scheduler.pt"
+    sched = run / older / "scheduler.pt"
     sched.write_bytes(sched.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"scheduler.pt: size .* \(truncated"):
-        ck.verify_checkpoint(run / "checkpoint-4")
+        ck.verify_checkpoint(run / older)
     (run / "checkpoint-8" / "extra.bin").write_bytes(b"x")
     ck.write_manifest(run / "checkpoint-8", 8)
     (run / "checkpoint-8" / "intruder.pt").write_bytes(b"x")
@@ -232,3 +249,14 @@ def test_staging_leftovers_are_cleaned(tmp_path, caplog):
         assert ck.clean_staging(tmp_path) == ["checkpoint-9"]
     assert not (tmp_path / ck.STAGING_DIR).exists() and "checkpoint-9" in caplog.text
     assert ck.clean_staging(tmp_path) == []
+
+
+def test_interrupted_replacement_is_restored_at_start(tmp_path):
+    """Crash between publish's two renames (old folder moved aside, new not yet in place)."""
+    old = fake_checkpoint(tmp_path, 5)
+    aside = tmp_path / ck.STAGING_DIR / "replaced-checkpoint-5"
+    aside.parent.mkdir()
+    old.rename(aside)
+    ck.clean_staging(tmp_path)
+    assert names(tmp_path) == ["checkpoint-5"] and not (tmp_path / ck.STAGING_DIR).exists()
+    ck.verify_checkpoint(tmp_path / "checkpoint-5")

@@ -176,14 +176,15 @@ def verify_checkpoint(folder: str | os.PathLike, check_hashes: bool = True) -> d
     missing = sorted(set(listed) - present)
     if missing:
         raise CheckpointError(f"{folder}: file(s) listed in {MANIFEST_NAME} are missing: {missing}")
-    extra = sorted(present - set(listed) - {MANIFEST_NAME + ".tmp"})
+    extra = sorted(present - set(listed))
     if extra:
         raise CheckpointError(f"{folder}: file(s) not listed in {MANIFEST_NAME}: {extra}")
     for rel, entry in listed.items():
         path = folder / rel
         size = path.stat().st_size
         if size != entry.get("size"):
-            raise CheckpointError(f"{path}: size {size} bytes, manifest says {entry.get('size')} (truncated or changed)")
+            raise CheckpointError(f"{path}: size {size} bytes, manifest says {entry.get('size')} "
+                                  "(truncated or changed)")
         if check_hashes and sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(f"{path}: sha256 differs from {MANIFEST_NAME} (corrupted or changed)")
     check_pickles(folder, listed)
@@ -250,6 +251,12 @@ def clean_staging(run_dir: str | os.PathLike) -> list[str]:
     staging = Path(run_dir) / STAGING_DIR
     if not staging.exists():
         return []
+    for aside in staging.glob(f"replaced-{PREFIX_CHECKPOINT_DIR}-*"):
+        # a crash between the two renames of publish_checkpoint: the old folder goes back
+        final = Path(run_dir) / aside.name.removeprefix("replaced-")
+        if not final.exists() and is_complete(aside):
+            logger.warning("restoring %s (moved aside by an interrupted save)", final)
+            os.replace(aside, final)
     left = sorted(p.name for p in staging.iterdir())
     if left:
         logger.warning("removing leftovers of interrupted checkpoint saves in %s: %s", staging, ", ".join(left))
@@ -276,7 +283,12 @@ def publish_checkpoint(staging: str | os.PathLike, final: str | os.PathLike, ste
         aside = staging.parent / f"replaced-{final.name}"
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)
-    os.replace(staging, final)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        if aside is not None:
+            os.replace(aside, final)  # put the old one back
+        raise
     fsync_dir(final.parent)
     fsync_dir(staging.parent)
     if aside is not None:

@@ -115,9 +115,12 @@ def load_projector(model: WsiLlavaForConditionalGeneration, path: str | Path) ->
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"projector_path {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("wsi_llava_projector", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("wsi_llava_projector", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"projector file {path} is not a readable safetensors file ({e})") from e
     own = projector_state(model)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
