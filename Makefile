@@ -6,14 +6,15 @@ DEMO_OUT ?= demo_out
 
 .PHONY: install demo demo-tiny test bench clean
 
-# Debian packages: WordNet for METEOR synonyms (offline). Skipped with a note where apt is unavailable.
-SYSTEM_PKGS := wordnet-base
+# Debian packages: WordNet for METEOR synonyms (offline) and Chromium for the web-viewer test.
+# Skipped with a note where apt is unavailable.
+SYSTEM_PKGS := wordnet-base chromium
 
 $(STAMP): pyproject.toml Makefile
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  dpkg -s $(SYSTEM_PKGS) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; } \
-	  || echo "note: could not install $(SYSTEM_PKGS); METEOR will run without synonyms"; \
-	else echo "note: install $(SYSTEM_PKGS) (Debian) for METEOR synonyms"; fi
+	  || echo "note: could not install $(SYSTEM_PKGS): METEOR runs without synonyms, the browser test cannot run"; \
+	else echo "note: install the Debian packages $(SYSTEM_PKGS) (METEOR synonyms, browser test)"; fi
 	python3 -m venv $(VENV)
 	# CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
