@@ -128,8 +128,8 @@ def build_tiny_llm(out_dir: str | Path, config: TinyLMConfig | None = None, extr
 
 def build_tiny_text_encoder(out_dir: str | Path, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
                             seed: int = 0, extra_text: str = "") -> Path:
-    """Write a tiny random-init BERT encoder (``AutoModel``) and the tiny tokenizer to ``out_dir``: the
-    offline text tower of stage-1 tests (``text_model_name_or_path``). Returns the folder."""
+    """Write a tiny random-init BERT encoder (``AutoModel``, no dropout) and the tiny tokenizer to
+    ``out_dir``: the offline text tower of stage-1 tests (``text_model_name_or_path``). Returns the folder."""
     from transformers import BertConfig, BertModel
 
     out = Path(out_dir)
@@ -138,7 +138,7 @@ def build_tiny_text_encoder(out_dir: str | Path, hidden_size: int = 32, num_laye
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                         num_attention_heads=num_heads, intermediate_size=2 * hidden_size, max_position_embeddings=512,
-                        pad_token_id=tokenizer.pad_token_id)
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
     BertModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

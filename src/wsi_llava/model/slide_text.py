@@ -100,10 +100,34 @@ def _distributed() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
+class _AllGather(torch.autograd.Function):
+    """Differentiable all-gather of equally shaped tensors: forward concatenates every process's tensor
+    by rank; backward sums the incoming gradients over processes (all-reduce, which every backend has)
+    and returns this process's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_rows(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
     """All processes' rows of x [b_r, ...] concatenated by rank → ([sum b_r, ...], offset of this rank).
 
-    With ``with_grad`` the gather is differentiable (each process gets the gradients of its rows).
+    Batches may differ in size (padded for the exchange). With ``with_grad`` the gather is
+    differentiable: each process receives the gradients that all processes' losses send to its rows.
     """
     import torch.distributed as dist
 
@@ -115,13 +139,13 @@ def gather_rows(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
     longest = max(sizes)
     padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))]) if x.shape[0] < longest else x
     if with_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        parts = list(all_gather(padded))
+        gathered = _AllGather.apply(padded)
     else:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
+        gathered = torch.cat(parts)
+    pieces = [gathered[r * longest:r * longest + n] for r, n in enumerate(sizes)]
+    return torch.cat(pieces), sum(sizes[:rank])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +227,7 @@ class SlideTextModel(nn.Module):
         frozen = self.cfg.freeze_text_tower
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             pooled = self.text_tower(input_ids, attention_mask)
-        proj = self.text_projection
-        weight = getattr(proj, "weight", None)
-        return F.normalize(proj(pooled.to(weight.dtype) if weight is not None else pooled).float(), dim=-1)
+        return F.normalize(self.text_projection(pooled).float(), dim=-1)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, tile_mask: torch.Tensor,
                 input_ids: torch.Tensor, attention_mask: torch.Tensor, keys: torch.Tensor) -> dict:

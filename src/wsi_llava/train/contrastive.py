@@ -34,6 +34,7 @@ from ..model.export import STAGE1_CONFIG
 from ..model.slide_text import SlideTextConfig, SlideTextModel, symmetric_nce
 from ..model.text_tower import load_text_tower, pad_token_id, tokenize_texts
 from .run import filter_invalid, load_records, resolve_datasets
+from .checkpoint import CrashSafeCheckpoints
 from .trainer import EpochCallback, cpu_precision_fallback
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def make_dataset(pairs: list[SlideTextPair], tokenizer, cfg: TrainConfig, featur
 # ---------------------------------------------------------------------------------------------
 # trainer
 # ---------------------------------------------------------------------------------------------
-class ContrastiveTrainer(Trainer):
+class ContrastiveTrainer(CrashSafeCheckpoints, Trainer):
     """``Trainer`` whose evaluation is whole-set retrieval; no weight decay on the logit scale."""
 
     last_retrieval: dict | None = None
@@ -207,10 +208,12 @@ def run_contrastive(cfg: TrainConfig) -> Path:
 
     training = cpu_precision_fallback(training)
     training.setdefault("report_to", "none")
+    training.setdefault("ddp_find_unused_parameters", False)  # every trainable weight is used in each step
     if eval_ds is None:
         training["eval_strategy"] = "no"
         training["load_best_model_at_end"] = False
     resume = training.pop("resume_from_checkpoint", None)
+    checkpoint_limit = training.pop("save_total_limit", None)  # rotation over complete checkpoints only
     args = TrainingArguments(remove_unused_columns=False, **training)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("stage 1 on %d process(es): %d train pair(s), %d eval pair(s); slide tower %s, text tower %s; "
@@ -222,7 +225,7 @@ def run_contrastive(cfg: TrainConfig) -> Path:
         _atomic_write_text(out_dir / STAGE1_CONFIG, json.dumps(stage1_description(cfg, model, feature_dim), indent=2))
     trainer = ContrastiveTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  data_collator=SlideTextCollator(pad_token_id(tokenizer)), processing_class=tokenizer,
-                                 callbacks=[EpochCallback(train_ds)])
+                                 callbacks=[EpochCallback(train_ds)], checkpoint_limit=checkpoint_limit)
     trainer.train(resume_from_checkpoint=resume or None)
     final = None
     if eval_ds is not None:  # the whole validation set with the final weights (reused if just evaluated)

@@ -86,6 +86,13 @@ def build_model(cfg: TrainConfig, feature_dim: int):
         model, tokenizer = load_wsi_llava(cfg.resolve(m.model_name_or_path))
     else:
         vision_config = dict(m.vision_config)
+        encoder = None
+        if m.vision_mode == "wsi" and m.vision_tower:
+            from ..model.export import load_tower
+
+            # the architecture stored with the weights (exported stage-1 towers carry it); config overrides win
+            encoder = load_tower(cfg.resolve(m.vision_tower), **m.vision_config)
+            vision_config = encoder.config.to_dict()
         if m.vision_mode == "wsi":
             vision_config.setdefault("in_dim", feature_dim)
             width = vision_config.get("embed_dim", 768)
@@ -101,10 +108,7 @@ def build_model(cfg: TrainConfig, feature_dim: int):
             mm_vision_select_layer=m.mm_vision_select_layer, mm_projector_type=m.mm_projector_type,
             projector_dropout=m.projector_dropout, gamma_min=m.gamma_min, gamma_max=m.gamma_max,
             freeze_vision_tower=m.freeze_vision_tower)
-        if m.vision_tower:
-            from ..model.slide_encoder import load_slide_encoder
-
-            encoder = load_slide_encoder(cfg.resolve(m.vision_tower), **m.vision_config)
+        if encoder is not None:
             model.vision_tower.load_state_dict(encoder.state_dict(), strict=True)
     if m.chat_template:
         tokenizer.chat_template = m.chat_template
