@@ -5,6 +5,9 @@ tensors) and ``features`` [N, D], ``coords`` [N, 2] (numpy or tensors). The batc
 ``input_ids``/``labels``/``attention_mask``/``question_mask`` [B, T] and ``features`` [B, N, D],
 ``coords`` [B, N, 2], ``tile_mask`` [B, N] (True = real tile; padded tiles are zeros and False).
 Optional ``tile_index`` [N] (int) is padded with -1.
+Tower-cache items (``data/tower_cache.py``) also carry ``cls_token`` [D], ``cls_attention`` [N] and
+``keys`` [N, D]; the batch then holds ``cls_token`` [B, D] and ``cls_attention`` [B, N], ``keys``
+[B, N, D] zero-padded like the tiles (all float32).
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ def pad_tiles(features: list[torch.Tensor], coords: list[torch.Tensor]) -> tuple
     return feats, xy, mask
 
 
+def _pad_rows(rows: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Stack [N_i, ...] tensors into [B, n, ...], zero-padded."""
+    out = torch.zeros((len(rows), n, *rows[0].shape[1:]), dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def _tensor(x, dtype=None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x if dtype is None else x.to(dtype)
@@ -69,4 +80,12 @@ class SlideCollator:
             batch["labels"] = _pad_1d([_tensor(it["labels"], torch.long) for it in items], IGNORE_INDEX, self.padding_side)
         feats = [_tensor(it["features"], torch.float32) for it in items]
         batch["features"], batch["coords"], batch["tile_mask"] = pad_tiles(feats, [_tensor(it["coords"]) for it in items])
+        cached = ["cls_token" in it for it in items]
+        if any(cached):
+            if not all(cached):
+                raise ValueError("a batch mixes cached tower outputs (tower_cache) with raw tile features")
+            n = batch["features"].shape[1]
+            batch["cls_token"] = torch.stack([_tensor(it["cls_token"], torch.float32) for it in items])
+            batch["cls_attention"] = _pad_rows([_tensor(it["cls_attention"], torch.float32) for it in items], n)
+            batch["keys"] = _pad_rows([_tensor(it["keys"], torch.float32) for it in items], n)
         return batch

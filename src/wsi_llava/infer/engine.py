@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,8 @@ import torch
 
 from ..data.collate import SlideCollator
 from ..data.prompts import PromptBuilder
-from ..data.slides import Slide, load_slide
+from ..data.slides import Slide, load_slide, read_slide_meta
+from ..data.tower_cache import CACHED_KEYS, CachedSlide
 from ..model.wsi_llava import load_wsi_llava
 
 
@@ -46,7 +47,9 @@ class SlideAssistant:
     """A loaded model + tokenizer + prompt builder. ``answer`` handles a batch of (slide, question)."""
 
     def __init__(self, model, tokenizer, patches_per_wsi: int = 2048, system_prompt: str | None = "default",
-                 cutoff_len: int = 8192):
+                 cutoff_len: int = 8192, tower_cache: str | Path | None = None):
+        """``tower_cache``: a folder written by ``wsi-llava encode`` with the model's tower; slides are then
+        read from it by ``slide_id`` (``load(path, slide_id=...)``) and the tower is not run."""
         from ..data.prompts import DEFAULT_SYSTEM_PROMPT
 
         self.model = model.eval()
@@ -56,6 +59,11 @@ class SlideAssistant:
             system_prompt = DEFAULT_SYSTEM_PROMPT
         self.builder = PromptBuilder(tokenizer, model.config.num_image_tokens, cutoff_len, system_prompt)
         self.collator = SlideCollator(tokenizer.pad_token_id, padding_side="left")
+        self.tower_cache = None
+        if tower_cache:
+            from ..data.tower_cache import cache_for_model
+
+            self.tower_cache = cache_for_model(tower_cache, model)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "SlideAssistant":
@@ -70,8 +78,14 @@ class SlideAssistant:
             kwargs.setdefault("system_prompt", train_cfg.get("system_prompt") or None)
         return cls(model, tokenizer, **kwargs)
 
-    def load(self, path: str | Path) -> Slide:
-        """Read a slide's tiles (deterministic sampling)."""
+    def load(self, path: str | Path, slide_id: str | None = None) -> Slide:
+        """Read a slide's tiles (deterministic sampling); with a tower cache, the cached tower outputs of
+        ``slide_id`` for the same tiles (a :class:`~wsi_llava.data.tower_cache.CachedSlide`)."""
+        if self.tower_cache is not None:
+            if not slide_id:
+                raise ValueError(f"{path}: with a tower_cache, slides are looked up by slide_id; none was given")
+            n = read_slide_meta(path)[0] if Path(path).is_file() else None  # the H5 is optional here
+            return self.tower_cache.read(slide_id, self.patches_per_wsi, rng=None, where=str(path), n_tiles=n)
         return load_slide(str(path), self.patches_per_wsi, rng=None,
                           expected_dim=self.model.config.vision_config.get("in_dim", self.model.config.mm_hidden_size))
 
@@ -88,6 +102,8 @@ class SlideAssistant:
             ex = self.builder.build_generation(q, h, question=qt, where=slide.path)
             items.append({"input_ids": ex.input_ids, "question_mask": ex.question_mask,
                           "features": slide.features, "coords": slide.coords})
+            if isinstance(slide, CachedSlide):
+                items[-1].update(cls_token=slide.cls_token, cls_attention=slide.cls_attention, keys=slide.keys)
         batch = self.collator(items)
         device = self.model.device
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -124,9 +140,13 @@ class SlideAssistant:
         """Which tiles the selector keeps for this batch (indices [B, K], scores [B, N] or None)."""
         m = self.model
         query = m.question_query(batch["input_ids"], batch["question_mask"]) if m.text_query_projection is not None else None
-        return m.encode_slides(batch["features"], batch["coords"], batch["tile_mask"], query=query).selection
+        cached = {k: batch[k] for k in CACHED_KEYS if k in batch}
+        return m.encode_slides(batch["features"], batch["coords"], batch["tile_mask"], query=query, **cached).selection
 
 
 def zeros_like_slide(slide: Slide) -> Slide:
-    """The same slide with all features zeroed (image-reliance checks)."""
+    """The same slide with all features zeroed (image-reliance checks); cached tower outputs all zeroed."""
+    if isinstance(slide, CachedSlide):
+        return replace(slide, features=np.zeros_like(slide.features), cls_token=np.zeros_like(slide.cls_token),
+                       cls_attention=np.zeros_like(slide.cls_attention), keys=np.zeros_like(slide.keys))
     return Slide(features=np.zeros_like(slide.features), coords=slide.coords, path=slide.path, n_total=slide.n_total)

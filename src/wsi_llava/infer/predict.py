@@ -102,8 +102,9 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
             ok, slides, users, qtexts = [], [], [], []
             for key, r in chunk:
                 try:
-                    path = by_id[partner[r.slide_id]] if ablate == "shuffle" else r.h5_path
-                    slide = assistant.load(path)
+                    sid = partner[r.slide_id] if ablate == "shuffle" else r.slide_id
+                    path = by_id[sid] if ablate == "shuffle" else r.h5_path
+                    slide = assistant.load(path, slide_id=sid)
                     if ablate == "zero":
                         slide = zeros_like_slide(slide)
                     user, _, qtext = record_turn(r)
@@ -145,10 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablate", choices=ABLATIONS, default="none",
                         help="image-reliance check: zeroed features, or features of another slide")
     parser.add_argument("--explain", action="store_true", help="record the selected tiles and scores per answer")
+    parser.add_argument("--tower-cache", help="folder from `wsi-llava encode` (the model's tower): read cached tower "
+                                              "outputs by slide_id instead of running the tower")
 
 
 def main(args: argparse.Namespace) -> int:
-    assistant = SlideAssistant.from_pretrained(args.model)
+    assistant = SlideAssistant.from_pretrained(args.model, tower_cache=getattr(args, "tower_cache", None))
     records = load_manifest(args.data, split=args.split)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     counts = predict(assistant, records, Path(args.out), args.batch_size, settings, args.ablate, args.explain)

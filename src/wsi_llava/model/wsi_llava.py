@@ -184,20 +184,30 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.text_query_projection(mean.to(self.text_query_projection.weight.dtype))
 
     def encode_slides(self, features: torch.Tensor, coords: torch.Tensor, tile_mask: torch.Tensor,
-                      query: torch.Tensor | None = None, generator: torch.Generator | None = None) -> VisualOutput:
+                      query: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      cls_token: torch.Tensor | None = None, cls_attention: torch.Tensor | None = None,
+                      keys: torch.Tensor | None = None) -> VisualOutput:
         """Tiles → projected visual tokens.
 
         features [B, N, Din], coords [B, N, 2] (x, y), tile_mask [B, N] (True = real), query [B, D] →
         embeds [B, K', H] with K' = ``config.num_image_tokens``.
+
+        Tower-output cache (``tower_cache``, ``data/tower_cache.py``): with ``cls_token`` [B, D] given,
+        ``features`` [B, N, D] are the cached tokens of the selected layer, ``cls_attention`` [B, N] and
+        ``keys`` [B, N, D] the cached last-block outputs; the tower is not run.
         """
         cfg = self.config
         layer = cfg.mm_vision_select_layer
         tower = self.vision_tower
         frozen = cfg.freeze_vision_tower
         dtype = next(iter(self.multi_modal_projector.parameters())).dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            out = tower(features, coords, tile_mask, output_hidden_states=layer != -1)
-        tokens = out.tokens if layer == -1 else out.hidden_states[layer]
+        if cls_token is not None:
+            out = self._cached_tower_output(features, tile_mask, cls_token, cls_attention, keys)
+            tokens = out.tokens
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                out = tower(features, coords, tile_mask, output_hidden_states=layer != -1)
+            tokens = out.tokens if layer == -1 else out.hidden_states[layer]
         has_cls = getattr(tower, "has_cls", True)
         patches = tokens[:, 1:] if has_cls else tokens
         if self.training and generator is None:
@@ -211,6 +221,22 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if cfg.use_cls_token:
             vis = torch.cat([tokens[:, :1], vis], dim=1)
         return VisualOutput(self.multi_modal_projector(vis.to(dtype)), sel)
+
+    def _cached_tower_output(self, tokens: torch.Tensor, tile_mask: torch.Tensor, cls_token: torch.Tensor,
+                             cls_attention: torch.Tensor | None, keys: torch.Tensor | None):
+        """Cached tower outputs → the tower's output: tokens [B, 1+N, D] (CLS first, 0 on padding)."""
+        from .towers import TowerOutput
+
+        cfg = self.config
+        if cfg.vision_mode != "wsi" or not cfg.freeze_vision_tower:
+            raise ValueError("cached tower outputs (tower_cache) need vision_mode: wsi with a frozen tower; this model "
+                             f"has vision_mode {cfg.vision_mode!r}, freeze_vision_tower {cfg.freeze_vision_tower}")
+        if tokens.shape[-1] != cfg.mm_hidden_size or cls_token.shape != (tokens.shape[0], tokens.shape[-1]):
+            raise ValueError(f"cached tokens {tuple(tokens.shape)} / CLS {tuple(cls_token.shape)} do not fit the model's "
+                             f"tower width mm_hidden_size={cfg.mm_hidden_size} (tower_cache made by another tower?)")
+        patches = tokens.masked_fill(~tile_mask.unsqueeze(-1), 0)
+        full = torch.cat([cls_token.unsqueeze(1).to(patches.dtype), patches], dim=1)
+        return TowerOutput(tokens=full, cls_attention=cls_attention, keys=keys)
 
     def merge(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Put visual [B, K', H] at the ``<image>`` positions of inputs_embeds [B, T, H] (one masked_scatter)."""
@@ -227,9 +253,13 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 features: torch.Tensor | None = None, coords: torch.Tensor | None = None,
                 tile_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None, **kwargs):
+                labels: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                cls_token: torch.Tensor | None = None, cls_attention: torch.Tensor | None = None,
+                keys: torch.Tensor | None = None, **kwargs):
         """input_ids/attention_mask/labels/question_mask [B, T]; features [B, N, Din]; coords [B, N, 2];
-        tile_mask [B, N]. Returns the language model's output (loss, logits [B, T, V], cache)."""
+        tile_mask [B, N]. Returns the language model's output (loss, logits [B, T, V], cache).
+        With ``cls_token`` [B, D] (+ ``cls_attention`` [B, N], ``keys`` [B, N, D]) the features are cached
+        tower tokens [B, N, D] and the tower is skipped (see ``encode_slides``)."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
@@ -243,7 +273,8 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if self.text_query_projection is not None:
                 qmask = question_mask if question_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
                 query = self.question_query(input_ids, qmask)
-            visual = self.encode_slides(features, coords, tile_mask, query=query)
+            visual = self.encode_slides(features, coords, tile_mask, query=query, cls_token=cls_token,
+                                        cls_attention=cls_attention, keys=keys)
             inputs_embeds = self.merge(input_ids, inputs_embeds, visual.embeds)
         if labels is not None and "logits_to_keep" not in kwargs and self._lm_accepts_logits_to_keep():
             return self._supervised_forward(inputs_embeds, attention_mask, labels, **kwargs)
@@ -276,7 +307,7 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """Slide inputs go to the first (prefill) step only; later steps decode from the cache."""
         inputs = super().prepare_inputs_for_generation(input_ids, *args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in ("features", "coords", "tile_mask", "question_mask"):
+            for key in ("features", "coords", "tile_mask", "question_mask", "cls_token", "cls_attention", "keys"):
                 inputs.pop(key, None)
         return inputs
 
