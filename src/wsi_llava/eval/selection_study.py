@@ -1,24 +1,26 @@
 """`wsi-llava study-selection --out DIR`: the token-budget study of the selectors.
 
 On a synthetic cohort whose diagnosis sits in a small, spatially clustered fraction of tiles
-(``data/synthetic.py``; every H5 marks those tiles in ``planted``), the same tiny model is trained
-once per (strategy, budget) through the normal training path (``run_sft``, one stage: projector,
-prompt top-K query projection and the tiny LM train; the slide encoder is a small frozen
-``vision_mode: wsi`` tower so every strategy sees identical tokens), then answers the held-out
-closed questions with ``--explain``. Per run it records:
+(``data/synthetic.py``; every H5 marks those tiles in ``planted``):
 
-* closed-ended accuracy (multiple choice + yes/no, scored by ``eval.metrics``) with its bootstrap CI;
-* recall of the planted tiles among the selected ones: ``|selected ∩ planted| / |planted|`` per
-  question (selected = the distinct kept tile indices; for PruMerge(+) the centre tiles, not the
-  tiles merged into them), averaged over questions, next to what a uniform choice of the same number
-  of tiles would reach (``k / N`` per slide);
-
-and, separately, the selection time per slide of each strategy at N = 2,048 and 20,000 tiles
-(GigaPath width D = 768, random inputs, best of ``timing_repeats``).
+1. optional stage 1 (``pretrain_steps`` > 0, the default): the small ``vision_mode: wsi`` slide
+   encoder is trained contrastively against the training slides' reports (``stage: contrastive``,
+   a tiny BERT text tower), so its CLS attention has something to say; with 0 steps the tower
+   stays random;
+2. the same tiny model is trained once per (strategy, budget[, seed]) through the normal training
+   path (``run_sft``, one stage: projector, prompt top-K query projection and the tiny LM train; the
+   tower is frozen, so every strategy sees identical tokens);
+3. each model answers the held-out closed questions with ``--explain``; per run the study records
+   closed-ended accuracy (scored by ``eval.metrics``, with a bootstrap CI) and the recall of the
+   planted tiles among the selected ones, ``|selected ∩ planted| / |planted|`` per question
+   (selected = the distinct kept tile indices; for PruMerge(+) the centre tiles, not the tiles
+   merged into them), next to what a uniform choice of as many tiles expects (``k / N``);
+4. separately, the selection time per slide of each strategy at N = 2,048 and 20,000 tiles (GigaPath
+   width D = 768, random inputs, one thread, best of ``timing_repeats``).
 
 Outputs in ``--out``: ``results.json`` (everything), ``table.md`` (Markdown tables), ``study.png``
-(accuracy and recall against the budget), plus ``cohort/``, ``llm/`` and ``runs/<strategy>_k<k>/``
-(the trained models and their ``predictions.jsonl``).
+(accuracy and recall against the budget), plus ``cohort/``, ``llm/``, ``stage1/`` and
+``runs/<strategy>_k<k>/`` (the trained models and their ``predictions.jsonl``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
 
 #: The budget strategies (``none`` keeps the first k tiles: not a selection strategy).
 STRATEGIES = ("random_sample", "prumerge", "prumerge_plus", "prompt_topk")
@@ -45,7 +46,7 @@ SELECT_OPTIONS = {"prompt_topk": {"similarity_weighting": True}}
 
 @dataclass
 class StudyConfig:
-    """Sizes of one budget study. Defaults: about 10 minutes on one CPU thread."""
+    """Sizes of one budget study. Defaults: about 12 minutes on one CPU thread (shared 2-core machine)."""
 
     strategies: tuple[str, ...] = STRATEGIES
     """Selectors to compare (keys of ``SELECTORS``)."""
@@ -53,8 +54,10 @@ class StudyConfig:
     """Token budgets k (``image_seq_length``)."""
     seeds: tuple[int, ...] = (0,)
     """Training seeds; each (strategy, budget) is trained once per seed and the metrics averaged."""
+    question_kinds: tuple[str, ...] = ("mc",)
+    """Closed questions per slide: ``mc`` (diagnosis, multiple choice) and/or ``yn`` (yes/no)."""
     n_train: int = 128
-    """Training slides (two closed questions each: multiple choice and yes/no)."""
+    """Training slides."""
     n_test: int = 64
     """Held-out slides."""
     feature_dim: int = 32
@@ -65,7 +68,7 @@ class StudyConfig:
     """Most tiles per slide (keep ≤ ``patches_per_wsi`` so every tile can be selected)."""
     signal_fraction: float = 0.03
     """Share of a slide's tiles carrying the diagnosis."""
-    signal_strength: float = 4.0
+    signal_strength: float = 8.0
     """Norm of the diagnosis prototype added to the planted tiles (tile noise: unit variance per dim)."""
     embed_dim: int = 64
     """Slide-encoder width (the tower is a small ``vision_mode: wsi`` encoder)."""
@@ -74,15 +77,23 @@ class StudyConfig:
     num_heads: int = 4
     """Slide-encoder heads."""
     vision_tower: str | None = None
-    """Trained slide-encoder weights (e.g. from stage-1 contrastive training) for the small tower;
+    """Slide-encoder weights for the small tower (a ``tower.safetensors`` of the same architecture);
     None = a random tower (seeded, identical for every run)."""
+    pretrain_steps: int = 80
+    """Stage-1 contrastive steps (slide ↔ report, ``stage: contrastive``) on the cohort's training
+    reports before the study, starting from ``vision_tower``; the trained tower is then used by every
+    run. 0 = none (a random tower: its CLS attention carries no information, see docs/selection.md)."""
+    pretrain_batch_size: int = 16
+    """Stage-1 batch (in-batch negatives)."""
+    pretrain_learning_rate: float = 1e-3
+    """Stage-1 peak learning rate."""
     train_tower: bool = False
     """Train the tower with the rest (``freeze_vision_tower: false``)."""
     lm_hidden: int = 64
     """Tiny LM width."""
     lm_layers: int = 2
     """Tiny LM blocks."""
-    steps: int = 150
+    steps: int = 300
     """Optimiser steps per run."""
     batch_size: int = 8
     """Examples per step."""
@@ -103,10 +114,10 @@ class StudyConfig:
 
 
 #: ``--quick``: the whole pipeline in seconds (for CI); the numbers mean nothing.
-QUICK = StudyConfig(budgets=(4, 8), n_train=8, n_test=4, feature_dim=16, min_tiles=40, max_tiles=80,
-                    signal_fraction=0.1, embed_dim=16, depth=1, num_heads=2, lm_hidden=32, lm_layers=1,
-                    steps=2, batch_size=4, patches_per_wsi=128, timing_sizes=(256, 2048), timing_dim=64,
-                    timing_repeats=1)
+QUICK = StudyConfig(budgets=(4, 8), question_kinds=("mc", "yn"), n_train=8, n_test=4, feature_dim=16, min_tiles=40,
+                    max_tiles=80, signal_fraction=0.1, embed_dim=16, depth=1, num_heads=2, pretrain_steps=2,
+                    pretrain_batch_size=4, lm_hidden=32, lm_layers=1, steps=2, batch_size=4, patches_per_wsi=128,
+                    timing_sizes=(256, 2048), timing_dim=64, timing_repeats=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,14 +183,19 @@ def selection_recall(selected_coords: list[list[float]], loaded_coords: np.ndarr
 # ----------------------------------------------------------------------------------------------
 
 
+def tower_config(cfg: StudyConfig) -> dict:
+    """``vision_config`` of the study's small tower: one dense attention branch over all tiles
+    (a single LongNet segment longer than any slide), so it is cheap on CPU."""
+    return dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                segment_lengths=[max(4096, cfg.patches_per_wsi + 1)], dilations=[1])
+
+
 def run_config(cfg: StudyConfig, strategy: str, budget: int, seed: int, train_csv: Path, llm: Path,
-               out_dir: Path) -> dict:
+               out_dir: Path, vision_tower: str | None = None) -> dict:
     """The flat training config (LLaMA-Factory dialect) of one study run."""
-    vision_config = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                         segment_lengths=[max(4096, cfg.patches_per_wsi + 1)], dilations=[1])
     return dict(
-        llm_name_or_path=str(llm), dataset=str(train_csv), vision_mode="wsi", vision_config=vision_config,
-        vision_tower=cfg.vision_tower, freeze_vision_tower=not cfg.train_tower,
+        llm_name_or_path=str(llm), dataset=str(train_csv), vision_mode="wsi", vision_config=tower_config(cfg),
+        vision_tower=vision_tower, freeze_vision_tower=not cfg.train_tower,
         image_seq_length=budget, vision_feature_select_mode=strategy,
         select_options=dict(SELECT_OPTIONS.get(strategy, {})), system_prompt="You are a pathology assistant.",
         stage="sft", finetuning_type="full", freeze_language_model=False, patches_per_wsi=cfg.patches_per_wsi,
@@ -187,6 +203,35 @@ def run_config(cfg: StudyConfig, strategy: str, budget: int, seed: int, train_cs
         max_steps=cfg.steps, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_ratio=0.1,
         logging_steps=max(1, cfg.steps // 5), save_strategy="no", eval_strategy="no", report_to="none",
         seed=seed, dataloader_num_workers=0, disable_tqdm=True, plot_loss=False)
+
+
+def pretrain_config(cfg: StudyConfig, train_csv: Path, test_csv: Path, text_model: Path, out_dir: Path) -> dict:
+    """Stage-1 contrastive config of the study's tower (slide CLS ↔ report text)."""
+    return dict(
+        stage="contrastive", text_model_name_or_path=str(text_model), dataset=str(train_csv),
+        eval_dataset=str(test_csv), vision_mode="wsi", vision_config=tower_config(cfg), vision_tower=cfg.vision_tower,
+        freeze_vision_tower=False, slide_pool="cls", projection_dim=32, patches_per_wsi=cfg.patches_per_wsi,
+        output_dir=str(out_dir), per_device_train_batch_size=cfg.pretrain_batch_size, per_device_eval_batch_size=16,
+        max_steps=cfg.pretrain_steps, learning_rate=cfg.pretrain_learning_rate, lr_scheduler_type="cosine",
+        warmup_ratio=0.1, logging_steps=max(1, cfg.pretrain_steps // 5), eval_strategy="no", save_strategy="no",
+        report_to="none", seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=True)
+
+
+def closed_manifest(src: Path, dest: Path) -> Path:
+    """Copy a manifest CSV keeping only the closed-question rows (no report/caption rows)."""
+    import csv
+
+    with open(src, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames
+        rows = [r for r in reader if r.get("category") != "report"]
+    tmp = dest.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(dest)
+    return dest
 
 
 def evaluate_run(model_dir: Path, records: list, planted: dict[str, dict], out: Path) -> dict:
@@ -210,6 +255,33 @@ def evaluate_run(model_dir: Path, records: list, planted: dict[str, dict], out: 
     return {"closed_accuracy": metrics["closed_accuracy"], "closed_accuracy_ci": metrics.get("closed_accuracy_ci"),
             "mc_accuracy": metrics.get("mc_accuracy"), "yes_no_accuracy": metrics.get("yes_no_accuracy"),
             "n_closed": metrics.get("n_closed"), "n_unparsed": metrics.get("n_unparsed"), **mean}
+
+
+def attention_on_planted(model_dir: Path, records: list, planted: dict[str, dict], patches_per_wsi: int) -> dict:
+    """How much of the tower's CLS attention falls on the planted tiles (what PruMerge ranks by).
+
+    Per held-out slide: ``share`` = CLS-attention mass on planted tiles, ``tiles`` = planted share of
+    the tiles; returned as their means over slides (equal when attention ignores the planted tiles)."""
+    import torch
+
+    from ..data.slides import load_slide
+    from ..model.wsi_llava import load_wsi_llava
+
+    model, _ = load_wsi_llava(model_dir)
+    tower = model.vision_tower
+    shares, tiles = [], []
+    for sid, path in {r.slide_id: r.h5_path for r in records}.items():
+        slide = load_slide(path, patches_per_wsi)
+        flags = np.array([planted[sid][(float(x), float(y))] for x, y in slide.coords])
+        with torch.no_grad():
+            out = tower(torch.from_numpy(slide.features)[None], torch.from_numpy(slide.coords)[None],
+                        torch.ones(1, len(flags), dtype=torch.bool))
+        if out.cls_attention is None:
+            return {}
+        a = out.cls_attention[0].double().numpy()
+        shares.append(float(a[flags].sum() / a.sum()))
+        tiles.append(float(flags.mean()))
+    return {"planted_attention_share": float(np.mean(shares)), "planted_tile_share": float(np.mean(tiles))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,13 +354,33 @@ def summarise(runs: list[dict]) -> list[dict]:
     return out
 
 
-def markdown_table(summary: list[dict], timing: list[dict], cfg: StudyConfig, chance: float) -> str:
+def tower_line(cfg: StudyConfig, stage1: dict | None, attention: dict | None = None) -> str:
+    """Which tower the runs used, and how much of its CLS attention falls on the planted tiles."""
+    arch = f"{cfg.depth}-block, {cfg.embed_dim}-wide slide encoder"
+    if stage1:
+        r, c = (stage1.get("retrieval") or {}), (stage1.get("chance") or {})
+        got = f" (held-out slide→report R@1 {r['s2t_r1']:.2f}, chance {c['s2t_r1']:.2f})" if "s2t_r1" in r else ""
+        line = f"Tower: {arch} after {cfg.pretrain_steps} stage-1 contrastive steps{got}"
+    elif cfg.vision_tower:
+        line = f"Tower: {arch} loaded from {cfg.vision_tower}"
+    else:
+        line = f"Tower: {arch}, random init"
+    line += ", trained in the runs." if cfg.train_tower else ", frozen in the runs."
+    if attention:
+        line += (f" Its CLS attention puts {100 * attention['planted_attention_share']:.1f} % of its mass on the "
+                 f"planted tiles, which are {100 * attention['planted_tile_share']:.1f} % of the tiles.")
+    return line
+
+
+def markdown_table(summary: list[dict], timing: list[dict], cfg: StudyConfig, chance: float,
+                   stage1: dict | None = None, attention: dict | None = None) -> str:
     """The study's Markdown: accuracy/recall per strategy and budget, then selection times."""
     budgets = sorted({r["budget"] for r in summary})
     strategies = [s for s in cfg.strategies if any(r["strategy"] == s for r in summary)]
     cell = {(r["strategy"], r["budget"]): r for r in summary}
     seeds = f"mean of {len(cfg.seeds)} seeds" if len(cfg.seeds) > 1 else "95 % bootstrap CI in brackets"
-    lines = [f"Closed-ended accuracy on held-out questions (chance {chance:.3f}; {seeds}):", "",
+    lines = [tower_line(cfg, stage1, attention), "",
+             f"Closed-ended accuracy on held-out questions (chance {chance:.3f}; {seeds}):", "",
              "| strategy | " + " | ".join(f"k = {k}" for k in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
     for s in strategies:
@@ -372,13 +464,16 @@ def run_study(out: str | Path, cfg: StudyConfig | None = None) -> dict:
     from ..data.manifest import load_manifest
     from ..data.synthetic import SynthConfig, make_cohort
     from ..model.select import SELECTORS
-    from ..tiny import TinyLMConfig, build_tiny_llm
+    from ..tiny import TinyLMConfig, build_tiny_llm, build_tiny_text_encoder
+    from ..train.contrastive import run_contrastive
     from ..train.run import run_sft
 
     cfg = cfg or StudyConfig()
     unknown = [s for s in cfg.strategies if s not in SELECTORS]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; choose from {sorted(SELECTORS)}")
+    if not cfg.question_kinds or set(cfg.question_kinds) - {"mc", "yn"}:
+        raise ValueError(f"question_kinds must be a non-empty subset of mc, yn, got {list(cfg.question_kinds)}")
     if not cfg.budgets or min(cfg.budgets) < 1:
         raise ValueError(f"budgets must be integers >= 1, got {list(cfg.budgets)}")
     if cfg.max_tiles > cfg.patches_per_wsi:
@@ -391,10 +486,23 @@ def run_study(out: str | Path, cfg: StudyConfig | None = None) -> dict:
     cohort = make_cohort(out / "cohort", SynthConfig(
         n_train=cfg.n_train, n_test=cfg.n_test, feature_dim=cfg.feature_dim, min_tiles=cfg.min_tiles,
         max_tiles=cfg.max_tiles, signal_fraction=cfg.signal_fraction, signal_strength=cfg.signal_strength,
-        question_kinds=("mc", "yn"), seed=cfg.seed))
+        question_kinds=tuple(cfg.question_kinds) + ("report",), seed=cfg.seed))
+    train_csv = closed_manifest(cohort.train_csv, cohort.root / "train_closed.csv")
+    test_csv = closed_manifest(cohort.test_csv, cohort.root / "test_closed.csv")
     llm = build_tiny_llm(out / "llm", TinyLMConfig(hidden_size=cfg.lm_hidden, num_layers=cfg.lm_layers,
                                                   intermediate_size=2 * cfg.lm_hidden, seed=cfg.seed))
-    test = load_manifest(cohort.test_csv)
+    tower, stage1 = cfg.vision_tower, None
+    if cfg.pretrain_steps > 0:
+        print(f"stage 1: contrastive pretraining of the tower, {cfg.pretrain_steps} steps", flush=True)
+        t0 = time.time()
+        text = build_tiny_text_encoder(out / "text_encoder", hidden_size=32, seed=cfg.seed)
+        s1 = run_contrastive(config_from_dict(pretrain_config(cfg, cohort.train_csv, cohort.test_csv, text,
+                                                              out / "stage1"), source="study stage 1"))
+        tower = str(s1 / "tower.safetensors")
+        metrics = json.loads((s1 / "metrics.json").read_text(encoding="utf-8"))
+        stage1 = {"retrieval": metrics.get("retrieval"), "chance": metrics.get("chance"),
+                  "seconds": round(time.time() - t0, 1), "tower": tower}
+    test = load_manifest(test_csv)
     planted = {r.slide_id: planted_lookup(r.h5_path) for r in test}
     chance = float(np.mean([1.0 / len(r.choices) if r.choices else 0.5 for r in test]))
 
@@ -406,8 +514,8 @@ def run_study(out: str | Path, cfg: StudyConfig | None = None) -> dict:
                 name = f"{strategy}_k{budget}" + (f"_s{seed}" if len(cfg.seeds) > 1 else "")
                 run_dir = out / "runs" / name
                 t0 = time.time()
-                model_dir = run_sft(config_from_dict(run_config(cfg, strategy, budget, seed, cohort.train_csv, llm,
-                                                                run_dir), source=f"study run {name}"))
+                model_dir = run_sft(config_from_dict(run_config(cfg, strategy, budget, seed, train_csv, llm, run_dir,
+                                                                tower), source=f"study run {name}"))
                 train_s = time.time() - t0
                 history = json.loads((model_dir / "log_history.json").read_text(encoding="utf-8"))
                 losses = [h["loss"] for h in history if "loss" in h]
@@ -418,11 +526,17 @@ def run_study(out: str | Path, cfg: StudyConfig | None = None) -> dict:
                 print(f"[{len(runs)}/{total}] {name}: accuracy {result['closed_accuracy']:.3f}, recall "
                       f"{result['recall']:.3f} (uniform {result['uniform_recall']:.3f}), {train_s:.0f} s", flush=True)
     summary = summarise(runs)
+    attention = {}
+    if not cfg.train_tower:  # every run shares the frozen tower: measure it once, from the first run
+        first = runs[0]
+        name = f"{first['strategy']}_k{first['budget']}" + (f"_s{first['seed']}" if len(cfg.seeds) > 1 else "")
+        attention = attention_on_planted(out / "runs" / name, test, planted, cfg.patches_per_wsi)
     print("timing the selectors …", flush=True)
     timing = time_selectors(tuple(cfg.strategies), tuple(cfg.timing_sizes), tuple(cfg.budgets), cfg.timing_dim,
                             cfg.timing_repeats, cfg.seed)
-    table = markdown_table(summary, timing, cfg, chance)
-    results = {"config": _jsonable(asdict(cfg)), "chance": chance, "n_test_questions": len(test),
+    table = markdown_table(summary, timing, cfg, chance, stage1, attention)
+    results = {"config": _jsonable(asdict(cfg)), "chance": chance, "n_test_questions": len(test), "stage1": stage1,
+               "tower_attention": attention,
                "summary": summary, "runs": runs, "timing": timing, "seconds": round(time.time() - t_start, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (out / "table.md").write_text(table, encoding="utf-8")
@@ -457,7 +571,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 #: CLI flag → StudyConfig field for the plain scalar sizes.
 _SCALAR_FLAGS = ("n_train", "n_test", "feature_dim", "min_tiles", "max_tiles", "signal_fraction", "signal_strength",
-                 "embed_dim", "depth", "num_heads", "lm_hidden", "lm_layers", "steps", "batch_size",
+                 "embed_dim", "depth", "num_heads", "pretrain_steps", "pretrain_batch_size", "pretrain_learning_rate",
+                 "lm_hidden", "lm_layers", "steps", "batch_size",
                  "learning_rate", "patches_per_wsi", "threads", "timing_dim", "timing_repeats", "seed")
 
 
@@ -465,10 +580,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (table.md, study.png, results.json, runs/)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in seconds (CI)")
     parser.add_argument("--strategies", type=_names, help=f"comma-separated selectors (default {','.join(STRATEGIES)})")
+    parser.add_argument("--question-kinds", type=_names, help="closed question kinds per slide: mc, yn (default mc)")
     parser.add_argument("--budgets", type=_ints, help="comma-separated token budgets (default 8,32,128)")
     parser.add_argument("--seeds", type=_ints, help="comma-separated training seeds, averaged (default 0)")
     parser.add_argument("--timing-sizes", type=_ints, help="tile counts for the timing table (default 2048,20000)")
-    parser.add_argument("--vision-tower", help="trained slide-encoder weights for the small tower (default: random)")
+    parser.add_argument("--vision-tower", help="slide-encoder weights for the small tower (default: random init)")
     parser.add_argument("--train-tower", action="store_true", help="train the tower too (freeze_vision_tower: false)")
     defaults = StudyConfig()
     for name in _SCALAR_FLAGS:
@@ -493,7 +609,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """The study config of the command line: ``--quick`` or the defaults, then each flag given."""
     cfg = QUICK if args.quick else StudyConfig()
     changes = {name: getattr(args, name) for name in _SCALAR_FLAGS if getattr(args, name) is not None}
-    for name in ("strategies", "budgets", "seeds", "timing_sizes", "vision_tower"):
+    for name in ("strategies", "question_kinds", "budgets", "seeds", "timing_sizes", "vision_tower"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.train_tower:

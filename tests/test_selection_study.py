@@ -1,0 +1,148 @@
+"""`wsi-llava study-selection`: the token-budget study (pieces, and the whole pipeline with --quick)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_llava.config import config_from_dict
+from wsi_llava.eval.selection_study import (QUICK, STRATEGIES, StudyConfig, add_arguments, closed_manifest,
+                                            config_from_args, markdown_table, planted_lookup, pretrain_config,
+                                            run_config, run_study, selection_recall, summarise, time_selectors)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_selection_recall_counts_distinct_tiles():
+    planted = {(0.0, 0.0): True, (256.0, 0.0): True, (512.0, 0.0): False, (768.0, 0.0): False, (0.0, 256.0): True}
+    loaded = np.array([[0, 0], [256, 0], [512, 0], [768, 0]], dtype=float)  # (0, 256) was not loaded
+    r = selection_recall([[0, 0], [0, 0], [512, 0]], loaded, planted)  # a repeat counts once
+    assert r == {"recall": 0.5, "precision": 0.5, "hit": 1.0, "uniform_recall": 0.5}
+    r = selection_recall([[512, 0], [768, 0]], loaded, planted)
+    assert r["recall"] == 0.0 and r["hit"] == 0.0
+    with pytest.raises(ValueError, match=r"\(1.0, 2.0\)"):
+        selection_recall([[1, 2]], loaded, planted)
+
+
+def test_planted_lookup_reads_both_coordinate_conventions(cohort, tmp_path):
+    seen_yx = False
+    for path in cohort.slides[:3]:  # the synthetic cohort stores every third slide as coords_yx
+        with h5py.File(path, "r") as f:
+            yx = "coords_yx" in f
+            coords = f["coords_yx"][:][:, ::-1] if yx else f["coords"][:]
+            planted = f["planted"][:]
+        seen_yx |= yx
+        lookup = planted_lookup(path)
+        assert [lookup[(float(x), float(y))] for x, y in coords] == planted.tolist()
+        assert any(lookup.values())
+    assert seen_yx
+    bare = tmp_path / "bare.h5"
+    with h5py.File(bare, "w") as f:
+        f["features"] = np.zeros((2, 4), np.float32)
+        f["coords"] = np.zeros((2, 2), np.int64)
+    with pytest.raises(ValueError, match="bare.h5.*planted"):
+        planted_lookup(bare)
+
+
+def test_run_configs_are_valid_training_configs(tmp_path):
+    cfg = StudyConfig()
+    for strategy in STRATEGIES:
+        raw = run_config(cfg, strategy, 32, 0, tmp_path / "train.csv", tmp_path / "llm", tmp_path / "run",
+                         vision_tower=str(tmp_path / "tower.safetensors"))
+        parsed = config_from_dict(raw)  # unknown or dead keys would raise
+        m = parsed.model
+        assert m.vision_feature_select_mode == strategy and m.image_seq_length == 32
+        assert m.vision_mode == "wsi" and m.freeze_vision_tower and m.vision_tower.endswith("tower.safetensors")
+        assert m.select_options == ({"similarity_weighting": True} if strategy == "prompt_topk" else {})
+        assert m.vision_config["embed_dim"] == cfg.embed_dim and m.vision_config["depth"] == cfg.depth
+        assert parsed.training["max_steps"] == cfg.steps
+    s1 = config_from_dict(pretrain_config(cfg, tmp_path / "train.csv", tmp_path / "test.csv", tmp_path / "text",
+                                          tmp_path / "s1"))
+    assert s1.finetuning.stage == "contrastive" and not s1.model.freeze_vision_tower
+    assert s1.model.vision_config == run_config(cfg, "prumerge", 8, 0, tmp_path, tmp_path, tmp_path)["vision_config"]
+    assert s1.training["max_steps"] == cfg.pretrain_steps
+
+
+def test_closed_manifest_drops_report_rows(cohort, tmp_path):
+    rows = cohort.train_csv.read_text().splitlines()
+    assert any(",report" in r for r in rows)
+    out = closed_manifest(cohort.train_csv, tmp_path / "closed.csv")
+    kept = out.read_text().splitlines()
+    assert kept[0] == rows[0] and len(kept) == 1 + sum(",report" not in r for r in rows[1:])
+    assert not any(",report" in r for r in kept[1:])
+
+
+def test_command_line_flags():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--out", "x"]))
+    assert cfg == StudyConfig()
+    assert cfg.strategies == STRATEGIES and cfg.budgets == (8, 32, 128) and cfg.timing_sizes == (2048, 20000)
+    cfg = config_from_args(parser.parse_args(["--out", "x", "--quick", "--budgets", "2,4", "--steps", "3",
+                                              "--strategies", "prompt_topk", "--signal-fraction", "0.05",
+                                              "--train-tower"]))
+    assert cfg == replace(QUICK, budgets=(2, 4), steps=3, strategies=("prompt_topk",), signal_fraction=0.05,
+                          train_tower=True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "x", "--budgets", "8,a"])
+
+
+def test_timing_rows_cover_every_case():
+    rows = time_selectors(STRATEGIES, (64, 300), (4, 16), dim=8, repeats=1)
+    assert {(r["strategy"], r["n"], r["k"]) for r in rows} == {(s, n, k) for s in STRATEGIES for n in (64, 300)
+                                                              for k in (4, 16)}
+    assert all(r["ms"] > 0 for r in rows)
+
+
+def test_table_and_summary_from_runs():
+    runs = [dict(strategy="prumerge", budget=8, seed=s, closed_accuracy=a, closed_accuracy_ci=[0.1, 0.9], recall=r,
+                 precision=0.1, hit=1.0, uniform_recall=0.02, train_seconds=1.0, final_loss=0.5, mc_accuracy=a,
+                 yes_no_accuracy=a) for s, a, r in ((0, 0.5, 0.2), (1, 0.7, 0.4))]
+    summary = summarise(runs)
+    assert len(summary) == 1 and summary[0]["closed_accuracy"] == pytest.approx(0.6)
+    assert summary[0]["recall"] == pytest.approx(0.3) and summary[0]["accuracy_per_seed"] == [0.5, 0.7]
+    cfg = replace(StudyConfig(), seeds=(0, 1), strategies=("prumerge",))
+    table = markdown_table(summary, [{"strategy": "prumerge", "n": 2048, "k": 8, "ms": 12.345}], cfg, chance=0.375)
+    assert "chance 0.375" in table and "mean of 2 seeds" in table and "random init, frozen in the runs" in table
+    assert "| prumerge | 0.600 |" in table and "| prumerge | 0.300 (0.020) |" in table
+    assert "| prumerge | 8 | 12.35 |" in table and "N = 2,048" in table
+
+
+def test_quick_study_end_to_end(tmp_path):
+    cfg = replace(QUICK, strategies=("random_sample", "prumerge", "prompt_topk"), budgets=(4,))
+    results = run_study(tmp_path, cfg)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+    assert {(r["strategy"], r["budget"]) for r in saved["runs"]} == {(s, 4) for s in cfg.strategies}
+    for r in saved["runs"]:
+        assert r["n_closed"] == 2 * cfg.n_test  # multiple choice + yes/no per held-out slide (no report rows)
+        assert 0.0 <= r["closed_accuracy"] <= 1.0
+        assert 0.0 <= r["recall"] <= 1.0 and 0.0 < r["uniform_recall"] <= 1.0
+        rows = [json.loads(x) for x in (tmp_path / "runs" / f"{r['strategy']}_k4" / "predictions.jsonl")
+                .read_text().splitlines()]
+        assert len(rows) == r["n_closed"] and all(len(x["tiles"]) == 4 for x in rows)
+    assert {(t["strategy"], t["n"]) for t in saved["timing"]} == {(s, n) for s in cfg.strategies
+                                                                  for n in cfg.timing_sizes}
+    assert saved["stage1"]["retrieval"]["s2t_r1"] is not None  # --quick runs stage 1 too (2 steps)
+    assert saved["stage1"]["tower"].endswith("tower.safetensors")
+    share = saved["tower_attention"]
+    assert 0.0 < share["planted_attention_share"] < 1.0 and 0.0 < share["planted_tile_share"] < 1.0
+    table = (tmp_path / "table.md").read_text()
+    for s in cfg.strategies:
+        assert f"| {s} |" in table
+    with Image.open(tmp_path / "study.png") as im:
+        px = np.asarray(im.convert("L"), dtype=float)
+    assert px.shape[1] > 500 and px.std() > 10
+
+
+def test_bad_study_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown strategies.*prumurge"):
+        run_study(tmp_path, replace(QUICK, strategies=("prumurge",)))
+    with pytest.raises(ValueError, match="patches_per_wsi"):
+        run_study(tmp_path, replace(QUICK, max_tiles=500, patches_per_wsi=100))
