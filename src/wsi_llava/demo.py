@@ -29,21 +29,36 @@ class DemoPlan:
     """Sizes of one demo run (the defaults fit about six minutes on two CPU cores)."""
 
     n_train: int = 160
+    """Training slides (each gives a multiple-choice row and a report row)."""
     n_test: int = 64
+    """Held-out slides (one multiple-choice question each)."""
     feature_dim: int = 64
-    signal_fraction: float = 0.25
+    """Tile feature width."""
+    signal_fraction: float = 0.5
+    """Share of tiles in the diagnostic cluster."""
+    signal_strength: float = 8.0
+    """Norm of the diagnosis prototype added to cluster tiles."""
     image_seq_length: int = 16
+    """Visual tokens per slide (random_sample)."""
     patches_per_wsi: int = 512
+    """Tiles read per slide."""
     stage2_steps: int = 40
-    stage3_steps: int = 40
+    """Optimizer steps of stage 2 (projector only)."""
+    stage3_steps: int = 50
+    """Optimizer steps of stage 3 (LoRA + projector)."""
     batch_size: int = 8
+    """Examples per step."""
     stage2_lr: float = 3e-3
-    stage3_lr: float = 1e-3
+    """Stage-2 learning rate."""
+    stage3_lr: float = 2e-3
+    """Stage-3 learning rate."""
     lora_rank: int = 8
+    """LoRA rank in stage 3."""
     system_prompt: str = "You are a pathology assistant."
+    """System message of every prompt."""
 
 
-TINY_PLAN = DemoPlan(n_train=96, n_test=64, stage2_steps=60, stage3_steps=60, stage2_lr=1e-2, stage3_lr=3e-3)
+TINY_PLAN = DemoPlan(n_train=96, n_test=64, stage2_steps=40, stage3_steps=40, stage2_lr=1e-2, stage3_lr=3e-3)
 
 
 def _llm(tiny: bool, out: Path) -> Path:
@@ -91,7 +106,8 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan 
     print(f"[1/5] synthetic cohort: {plan.n_train} train + {plan.n_test} test slides -> {out / 'cohort'}")
     cohort = make_cohort(out / "cohort", SynthConfig(n_train=plan.n_train, n_test=plan.n_test,
                                                      feature_dim=plan.feature_dim, signal_fraction=plan.signal_fraction,
-                                                     question_kinds=("mc", "yn", "report"), seed=seed))
+                                                     signal_strength=plan.signal_strength,
+                                                     question_kinds=("mc", "report"), seed=seed))
     llm = _llm(tiny, out)
     print(f"[2/5] language model: {llm}")
     print("[3/5] stage 2: projector alignment (LLM frozen)")
