@@ -34,3 +34,4 @@ def test_tiny_demo_writes_metrics(tmp_path, capsys):
     assert {r["kind"] for r in rows} == {"mc", "report"}
     out = capsys.readouterr().out
     assert "a generated report" in out and "closed-ended accuracy" in out
+    assert (tmp_path / "report" / "report.md").exists()

@@ -99,6 +99,15 @@ def test_stage3_lora_from_stage2_projector_then_chat_and_predict(stage2, tiny_ll
     assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
     assert {r["key"]: r["prediction"] for r in again} == {r["key"]: r["prediction"] for r in rows}
 
+    # eval --model runs predict (real and zeroed slides) and reports both
+    report = tmp_path / "report"
+    assert cli(["eval", "--model", str(run), "--data", str(cohort.test_csv), "--out", str(report),
+                "--ablate", "zero", "--max-new-tokens", "4", "--bootstrap", "20"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert (report / "predictions_zero.jsonl").exists() and "ablate_zero" in json.dumps(metrics)
+    assert metrics["n_closed"] == sum(r["kind"] != "report" and r["kind"] != "vqa" or r["reference"].lower() in ("yes", "no")
+                                      for r in rows)
+
 
 def test_invalid_data_is_refused_or_skipped(tiny_llm, cohort, tmp_path):
     bad = tmp_path / "bad.csv"

@@ -4,7 +4,8 @@
 2. stage 2 (projector alignment, LLM frozen) then stage 3 (LoRA + projector) with a real small
    instruct LLM shipped by a PyPI package (SmolLM2-135M-Instruct; ``--tiny``: a built-in tiny LM);
 3. predictions on held-out slides with their real features and with zeroed features;
-4. ``OUT/metrics.json`` with ``closed_accuracy``, ``closed_accuracy_zeroed``, ``chance``, ``n_test``,
+4. ``OUT/report/`` (``report.md`` + full ``metrics.json`` of ``wsi-llava eval``, zeroed-slide gap included) and
+   ``OUT/metrics.json`` with ``closed_accuracy``, ``closed_accuracy_zeroed``, ``chance``, ``n_test``,
    ``seconds`` (+ the n-gram metrics of the open answers), and a printed report and a few answers.
 """
 
@@ -95,6 +96,7 @@ def _stage_config(plan: DemoPlan, llm: Path, cohort, out: Path, stage: int, seed
 def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan | None = None) -> dict:
     """Run the demo into ``out``; returns the metrics written to ``out/metrics.json``."""
     from .eval.metrics import evaluate_predictions
+    from .eval.report import write_outputs
     from .infer.engine import GenerationSettings, SlideAssistant
     from .infer.predict import predict
     from .train.run import run_sft
@@ -137,6 +139,7 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan 
         "seconds": round(time.time() - t0, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_outputs(real_m, out / "report", source=str(out / "predictions.jsonl"), comparisons={"zeroed": zero_m})
     print("\n--- a generated report (held-out slide) ---")
     for r in rows:
         if r["kind"] == "report":

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from .metrics import EvalConfig, EvalInputError, evaluate_items, prepare_items
 from .judge import JudgeConfig
@@ -90,7 +91,15 @@ def _parse_compare(values: Sequence[str]) -> dict[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", required=True, metavar="JSONL", help="predictions written by `wsi-llava predict`")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--predictions", metavar="JSONL", help="predictions written by `wsi-llava predict`")
+    src.add_argument("--model", metavar="DIR",
+                     help="a trained model: run `predict` on --data first (into OUT/predictions.jsonl, resumable)")
+    parser.add_argument("--ablate", action="append", default=[], choices=("zero", "shuffle"),
+                        help="with --model: also predict with zeroed features or another slide's features and "
+                             "report the drop (image-reliance check); repeatable")
+    parser.add_argument("--batch-size", type=int, default=8, help="with --model: rows generated together")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="with --model: longest answer in tokens")
     parser.add_argument("--data", metavar="CSV",
                         help="the manifest the predictions came from: fills category/dataset, lists rows with no prediction")
     parser.add_argument("--split", help="with --data: only rows of this split")
@@ -161,10 +170,42 @@ def judge_from_args(args: argparse.Namespace) -> JudgeConfig | None:
     return JudgeConfig(url=args.judge_url, model=args.judge_model, api_key=key, timeout=args.judge_timeout)
 
 
+def predict_for_eval(model: str, data: str, out: str, split: str | None, ablations: Sequence[str],
+                     batch_size: int = 8, max_new_tokens: int = 256) -> tuple[str, dict[str, str]]:
+    """Run ``predict`` for ``eval --model``: OUT/predictions.jsonl and OUT/predictions_{ablation}.jsonl
+    (each resumable). Returns the main file and ``{ablation: file}``."""
+    from ..data.manifest import load_manifest
+    from ..infer.engine import GenerationSettings, SlideAssistant
+    from ..infer.predict import predict
+
+    assistant = SlideAssistant.from_pretrained(model)
+    records = load_manifest(data, split=split)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    folder = Path(out)
+    main_file = folder / "predictions.jsonl"
+    predict(assistant, records, main_file, batch_size, settings)
+    extra = {}
+    for ablation in ablations:
+        path = folder / f"predictions_{ablation}.jsonl"
+        predict(assistant, records, path, batch_size, settings, ablate=ablation)
+        extra[ablation] = str(path)
+    return str(main_file), extra
+
+
 def main(args: argparse.Namespace) -> int:
     try:
-        run(args.predictions, args.out, config_from_args(args), data=args.data, split=args.split,
-            compare=_parse_compare(args.compare), judge=judge_from_args(args))
+        compare = _parse_compare(args.compare)
+        predictions = args.predictions
+        if args.model:
+            if not args.data:
+                raise EvalInputError("--model needs --data (the manifest to answer)")
+            predictions, ablated = predict_for_eval(args.model, args.data, args.out, args.split, args.ablate,
+                                                    args.batch_size, args.max_new_tokens)
+            compare.update({f"ablate_{k}": v for k, v in ablated.items()})
+        elif args.ablate:
+            raise EvalInputError("--ablate needs --model (use --compare NAME=JSONL for existing predictions)")
+        run(predictions, args.out, config_from_args(args), data=args.data, split=args.split,
+            compare=compare, judge=judge_from_args(args))
     except (ValueError, FileNotFoundError) as e:  # EvalInputError, ManifestError (--data)
         print(f"error: {e}", file=sys.stderr)
         return 1
