@@ -95,6 +95,7 @@ def _stage_config(plan: DemoPlan, llm: Path, cohort, out: Path, stage: int, seed
 
 def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan | None = None) -> dict:
     """Run the demo into ``out``; returns the metrics written to ``out/metrics.json``."""
+    from .eval.cli import load_prediction_rows
     from .eval.metrics import evaluate_predictions
     from .eval.report import write_outputs
     from .infer.engine import GenerationSettings, SlideAssistant
@@ -127,8 +128,8 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan 
         (out / name).unlink(missing_ok=True)
         predict(assistant, closed, out / name, batch_size=16, settings=short, ablate=ablate)
     predict(assistant, reports, out / "predictions.jsonl", batch_size=2, settings=GenerationSettings(max_new_tokens=48))
-    rows = _read(out / "predictions.jsonl")
-    zeroed = _read(out / "predictions_zeroed.jsonl")
+    rows = load_prediction_rows(out / "predictions.jsonl")
+    zeroed = load_prediction_rows(out / "predictions_zeroed.jsonl")
     real_m = evaluate_predictions(rows, bootstrap=200, seed=seed)
     zero_m = evaluate_predictions(zeroed, bootstrap=200, seed=seed)
     chance = sum(1.0 / (len(r.choices) if r.choices else 2) for r in closed) / len(closed)
@@ -152,11 +153,6 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan 
           f"with zeroed slides {metrics['closed_accuracy_zeroed']:.3f}; chance {chance:.3f}; "
           f"{metrics['seconds']:.0f} s in all -> {out / 'metrics.json'}")
     return metrics
-
-
-def _read(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
