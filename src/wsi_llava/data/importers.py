@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..eval.extract import LETTERS, gold_letter, parse_inline_options
+from .manifest import write_manifest_csv
 
-MANIFEST_COLUMNS = ("h5_path", "caption", "question", "answer", "slide_id", "dataset", "choices", "split", "case_id", "category")
 SKIPPED_COLUMNS = ("source", "item", "slide_id", "reason", "question")
 H5_SUFFIXES = (".h5", ".hdf5")
 _IMAGE_TAG = re.compile(r"\s*<image>\s*")
@@ -371,16 +371,12 @@ def manifest_row(item: Item, h5_path: str) -> dict[str, str]:
 def write_manifest(matched: Sequence[tuple[Item, str]], out: str | os.PathLike, *, absolute: bool = False) -> int:
     """Write the manifest CSV; H5 paths relative to the CSV's folder unless ``absolute``. Returns rows."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     base = out.resolve().parent
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        for item, path in matched:
-            full = os.path.abspath(path)
-            writer.writerow(manifest_row(item, full if absolute else os.path.relpath(full, base)))
-    os.replace(tmp, out)
+    rows = []
+    for item, path in matched:
+        full = os.path.abspath(path)
+        rows.append(manifest_row(item, full if absolute else os.path.relpath(full, base)))
+    write_manifest_csv(out, rows)
     return len(matched)
 
 

@@ -33,6 +33,25 @@ OPTIONAL_COLUMNS = ("choices", "split", "case_id", "category")
 LETTERS = string.ascii_uppercase
 
 
+#: Manifest CSV columns in the order WSI-LLaVA writes them (required ones first).
+MANIFEST_COLUMNS = ("h5_path", "caption", "question", "answer", "slide_id", "dataset", "choices", "split",
+                    "case_id", "category")
+
+
+def write_manifest_csv(path: str | os.PathLike, rows, fields: Sequence[str] = MANIFEST_COLUMNS) -> Path:
+    """Write manifest rows (dicts) as UTF-8 CSV atomically: a temporary file, then a rename, so a
+    crash never leaves a half-written manifest. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
 class ManifestError(ValueError):
     """A manifest cannot be used; the message names the file, the row and the field."""
 

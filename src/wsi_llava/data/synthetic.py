@@ -15,12 +15,13 @@ and ``all.csv`` (with a ``split`` column).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .manifest import write_manifest_csv
 
 DIAGNOSES = ("adenocarcinoma", "squamous cell carcinoma", "small cell carcinoma", "benign tissue")
 
@@ -30,8 +31,6 @@ MORPHOLOGY = {
     "small cell carcinoma": "small round blue cells with scant cytoplasm, nuclear moulding and necrosis",
     "benign tissue": "preserved architecture without atypia, invasion or mitotic activity",
 }
-
-MANIFEST_COLUMNS = ("h5_path", "caption", "question", "answer", "slide_id", "dataset", "choices", "split", "case_id", "category")
 
 MC_QUESTION = "What is the most likely diagnosis for this slide?"
 YN_QUESTION = "Is this slide consistent with {dx}?"
@@ -162,15 +161,6 @@ def slide_rows(slide_id: str, h5_rel: str, dx: str, cfg: SynthConfig, rng: np.ra
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
 def make_cohort(out_dir: str | Path, cfg: SynthConfig | None = None) -> Cohort:
     """Write a synthetic cohort to ``out_dir`` and return its paths. Deterministic for ``cfg.seed``."""
     cfg = cfg or SynthConfig()
@@ -192,9 +182,9 @@ def make_cohort(out_dir: str | Path, cfg: SynthConfig | None = None) -> Cohort:
         _write_h5(path, features, coords, planted, yx=(i % 3 == 2))
         slides.append(path)
         rows[split] += slide_rows(slide_id, f"slides/{path.name}", cfg.diagnoses[dx_index], cfg, rng, split)
-    _write_csv(root / "train.csv", rows["train"])
-    _write_csv(root / "test.csv", rows["test"])
-    _write_csv(root / "all.csv", rows["train"] + rows["test"])
+    write_manifest_csv(root / "train.csv", rows["train"])
+    write_manifest_csv(root / "test.csv", rows["test"])
+    write_manifest_csv(root / "all.csv", rows["train"] + rows["test"])
     return Cohort(root, root / "train.csv", root / "test.csv", root / "all.csv", slides)
 
 

@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..fileio import atomic_write_text
 from .metrics import COUNT_OF, HEADLINE, compare_metrics
 
 LABELS = {
@@ -225,12 +226,6 @@ def _format_gap(name: str, gap: float | None) -> str:
     return f"{100 * gap:+.1f} pts" if name in _ACCURACY else f"{gap:+.4f}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(
     metrics: Mapping[str, object],
     out_dir: str | os.PathLike,
@@ -248,6 +243,6 @@ def write_outputs(
             name: {"metrics": dict(other), "gap": compare_metrics(metrics, other)} for name, other in comparisons.items()
         }
     json_path, md_path = out / "metrics.json", out / "report.md"
-    _atomic_write(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    _atomic_write(md_path, render_markdown(metrics, source=source, comparisons=comparisons))
+    atomic_write_text(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(md_path, render_markdown(metrics, source=source, comparisons=comparisons))
     return json_path, md_path

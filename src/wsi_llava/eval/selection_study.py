@@ -221,17 +221,13 @@ def closed_manifest(src: Path, dest: Path) -> Path:
     """Copy a manifest CSV keeping only the closed-question rows (no report/caption rows)."""
     import csv
 
+    from ..data.manifest import write_manifest_csv
+
     with open(src, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames
         rows = [r for r in reader if r.get("category") != "report"]
-    tmp = dest.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(dest)
-    return dest
+    return write_manifest_csv(dest, rows, fields)
 
 
 def evaluate_run(model_dir: Path, records: list, planted: dict[str, dict], out: Path) -> dict:

@@ -107,19 +107,22 @@ class SlideAssistant:
         batch = self.collator(items)
         device = self.model.device
         batch = {k: v.to(device) for k, v in batch.items()}
-        gen_kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        gen_kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                          eos_token_id=self.model.generation_config.eos_token_id)
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)
             gen_kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(**batch, **gen_kwargs)
-        prompt_len = batch["input_ids"].shape[1]
-        selection = None
-        if explain:
-            selection = self.explain(batch)
+        # the slides are encoded once: the same visual output feeds generation and the explanation
+        cached = {k: batch[k] for k in CACHED_KEYS if k in batch}
+        embeds, visual = self.model.prompt_embeds(batch["input_ids"], batch["features"], batch["coords"],
+                                                  batch["tile_mask"], batch["question_mask"], **cached)
+        out = self.model.language_model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                                 **gen_kwargs)  # returns the new tokens only
+        selection = visual.selection if explain else None
         answers = []
-        for i, seq in enumerate(out[:, prompt_len:].tolist()):
+        for i, seq in enumerate(out.tolist()):
             ids = [t for t in seq if t != self.tokenizer.pad_token_id]
             text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
             for s in settings.stop:
@@ -138,10 +141,9 @@ class SlideAssistant:
 
     def explain(self, batch: dict):
         """Which tiles the selector keeps for this batch (indices [B, K], scores [B, N] or None)."""
-        m = self.model
-        query = m.question_query(batch["input_ids"], batch["question_mask"]) if m.text_query_projection is not None else None
         cached = {k: batch[k] for k in CACHED_KEYS if k in batch}
-        return m.encode_slides(batch["features"], batch["coords"], batch["tile_mask"], query=query, **cached).selection
+        return self.model.prompt_embeds(batch["input_ids"], batch["features"], batch["coords"], batch["tile_mask"],
+                                        batch["question_mask"], **cached)[1].selection
 
 
 def zeros_like_slide(slide: Slide) -> Slide:

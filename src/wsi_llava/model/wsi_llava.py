@@ -250,6 +250,28 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return inputs_embeds.masked_scatter(mask, visual.to(inputs_embeds.dtype))
 
     # -- forward / generate ----------------------------------------------------------------------
+    def prompt_embeds(self, input_ids: torch.Tensor, features: torch.Tensor | None, coords: torch.Tensor | None = None,
+                      tile_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                      **cached) -> tuple[torch.Tensor, VisualOutput]:
+        """Text embeddings with the slides' visual tokens at the ``<image>`` positions.
+
+        input_ids, question_mask [B, T]; features [B, N, Din] (or cached tower tokens with ``cached`` =
+        ``cls_token``/``cls_attention``/``keys``); coords [B, N, 2]; tile_mask [B, N] →
+        (inputs_embeds [B, T, H], the visual output with its selection).
+        """
+        if features is None:
+            raise ValueError("the prompt holds <image> tokens but no slide features were given")
+        if tile_mask is None:
+            tile_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        if coords is None:
+            coords = torch.zeros((*features.shape[:2], 2), device=features.device)
+        query = None
+        if self.text_query_projection is not None:
+            qmask = question_mask if question_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+            query = self.question_query(input_ids, qmask)
+        visual = self.encode_slides(features, coords, tile_mask, query=query, **cached)
+        return self.merge(input_ids, self.get_input_embeddings()(input_ids), visual.embeds), visual
+
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 features: torch.Tensor | None = None, coords: torch.Tensor | None = None,
                 tile_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
@@ -260,22 +282,11 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         tile_mask [B, N]. Returns the language model's output (loss, logits [B, T, V], cache).
         With ``cls_token`` [B, D] (+ ``cls_attention`` [B, N], ``keys`` [B, N, D]) the features are cached
         tower tokens [B, N, D] and the tower is skipped (see ``encode_slides``)."""
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
         if input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
-            if features is None:
-                raise ValueError("the prompt holds <image> tokens but no slide features were given")
-            if tile_mask is None:
-                tile_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-            if coords is None:
-                coords = torch.zeros((*features.shape[:2], 2), device=features.device)
-            query = None
-            if self.text_query_projection is not None:
-                qmask = question_mask if question_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-                query = self.question_query(input_ids, qmask)
-            visual = self.encode_slides(features, coords, tile_mask, query=query, cls_token=cls_token,
-                                        cls_attention=cls_attention, keys=keys)
-            inputs_embeds = self.merge(input_ids, inputs_embeds, visual.embeds)
+            inputs_embeds, _ = self.prompt_embeds(input_ids, features, coords, tile_mask, question_mask,
+                                                  cls_token=cls_token, cls_attention=cls_attention, keys=keys)
+        elif inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         if labels is not None and "logits_to_keep" not in kwargs and self._lm_accepts_logits_to_keep():
             return self._supervised_forward(inputs_embeds, attention_mask, labels, **kwargs)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)

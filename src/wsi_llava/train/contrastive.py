@@ -30,6 +30,7 @@ from ..config import ConfigError, TrainConfig
 from ..data.slide_text import SlideTextCollator, SlideTextDataset, SlideTextPair, build_pairs
 from ..data.slides import read_slide_meta
 from ..eval.retrieval import slide_text_retrieval
+from ..fileio import atomic_write_text
 from ..model.export import STAGE1_CONFIG
 from ..model.slide_text import SlideTextConfig, SlideTextModel, symmetric_nce
 from ..model.text_tower import load_text_tower, pad_token_id, tokenize_texts
@@ -156,12 +157,6 @@ class ContrastiveTrainer(CrashSafeCheckpoints, Trainer):
 # ---------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _config_dump(cfg: TrainConfig) -> dict:
     return {**asdict(cfg.model), **asdict(cfg.data), **asdict(cfg.finetuning), **asdict(cfg.contrastive),
             **cfg.training}
@@ -222,7 +217,7 @@ def run_contrastive(cfg: TrainConfig) -> Path:
                 "frozen" if model.cfg.freeze_text_tower else "trainable", n_train)
     if args.process_index == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out_dir / STAGE1_CONFIG, json.dumps(stage1_description(cfg, model, feature_dim), indent=2))
+        atomic_write_text(out_dir / STAGE1_CONFIG, json.dumps(stage1_description(cfg, model, feature_dim), indent=2))
     trainer = ContrastiveTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  data_collator=SlideTextCollator(pad_token_id(tokenizer)), processing_class=tokenizer,
                                  callbacks=[EpochCallback(train_ds)], checkpoint_limit=checkpoint_limit)
@@ -235,13 +230,13 @@ def run_contrastive(cfg: TrainConfig) -> Path:
     if trainer.is_world_process_zero():
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         save_stage1(unwrapped, out_dir)
-        _atomic_write_text(out_dir / "train_config.yaml", yaml.safe_dump(_config_dump(cfg), sort_keys=False))
-        _atomic_write_text(out_dir / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+        atomic_write_text(out_dir / "train_config.yaml", yaml.safe_dump(_config_dump(cfg), sort_keys=False))
+        atomic_write_text(out_dir / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
         if final is not None:
             history = [{k: v for k, v in h.items() if k.startswith("eval_") or k in ("step", "epoch")}
                        for h in trainer.state.log_history if "eval_s2t_r1" in h]
             summary = {"step": trainer.state.global_step, **trainer.last_retrieval, "history": history}
-            _atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
+            atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
             r, ch = trainer.last_retrieval["retrieval"], trainer.last_retrieval["chance"]
             logger.info("validation retrieval: slide→text R@1 %.3f (chance %.3f), text→slide R@1 %.3f (chance %.3f)",
                         r["s2t_r1"], ch["s2t_r1"], r["t2s_r1"], ch["t2s_r1"])

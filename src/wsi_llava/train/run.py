@@ -193,15 +193,14 @@ def run_sft(cfg: TrainConfig) -> Path:
     logger.info("trainable parameters: %d of %d", n_train, sum(p.numel() for p in model.parameters()))
     builder = PromptBuilder(tokenizer, model.config.num_image_tokens, cfg.data.cutoff_len,
                             cfg.model.system_prompt or None)
-    expected_dim = feature_dim
     tower_cache = None
     if cfg.model.tower_cache:  # precomputed tower outputs (`wsi-llava encode`), checked against the model's tower
         from ..data.tower_cache import cache_for_model
 
         tower_cache = cache_for_model(cfg.resolve(cfg.model.tower_cache), model)
-    train_ds = SlideQADataset(train_records, builder, cfg.data.patches_per_wsi, expected_dim, training=True, seed=seed,
+    train_ds = SlideQADataset(train_records, builder, cfg.data.patches_per_wsi, feature_dim, training=True, seed=seed,
                               tower_cache=tower_cache)
-    eval_ds = (SlideQADataset(eval_records, builder, cfg.data.patches_per_wsi, expected_dim, training=False, seed=seed,
+    eval_ds = (SlideQADataset(eval_records, builder, cfg.data.patches_per_wsi, feature_dim, training=False, seed=seed,
                               tower_cache=tower_cache)
                if eval_records else None)
     training = cpu_precision_fallback(training)
