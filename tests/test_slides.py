@@ -32,8 +32,10 @@ def make_data(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_slide(path, feats, xy, *, yx=False, fchunks=None, cchunks=None, maxshape=False,
-                compression=None, dtype=None, userblock=0, cdtype=None):
+                compression=None, dtype=None, userblock=0, cdtype=None, libver=None):
     kw = dict(userblock_size=userblock) if userblock else {}
+    if libver:
+        kw["libver"] = libver
     with h5py.File(path, "w", **kw) as f:
         f.create_dataset(
             "features", data=feats.astype(dtype or feats.dtype), chunks=fchunks, compression=compression,
@@ -67,6 +69,9 @@ LAYOUTS = {
     "gzip": dict(fchunks=(32, D), cchunks=(32, 2), compression="gzip"),
     "lzf_f16": dict(fchunks=(16, D), cchunks=(16, 2), compression="lzf", dtype="f2"),
     "coords_yx_float": dict(yx=True, cdtype="f4"),
+    "chunks32_userblock": dict(fchunks=(32, D), cchunks=(32, 2), userblock=512),
+    "chunks1_latest_index": dict(fchunks=(1, D), cchunks=(1, 2), maxshape=True, libver="latest"),
+    "chunks32_latest_fixed": dict(fchunks=(32, D), cchunks=(32, 2), libver="latest"),
 }
 
 
@@ -105,17 +110,24 @@ class _no_warning:
         return self._cm.__exit__(*exc)
 
 
-def test_both_chunk_address_strategies_are_exercised(tmp_path, monkeypatch):
-    """(1, D) with few rows sampled reads chunks one by one; with many, walks the index once."""
+def test_chunk_address_strategies(tmp_path, monkeypatch):
+    """Default (v1 B-tree) files: the parsed index, never HDF5's walk or per-chunk reads. Newer
+    indexes (libver="latest"): per-chunk reads when few rows are sampled, else one HDF5 walk."""
     feats, xy = make_data(2000, D)
-    path = write_slide(tmp_path / "s.h5", feats, xy, fchunks=(1, D), cchunks=(1, 2), maxshape=True)
-    calls = []
-    orig = S._read_chunk_direct
-    monkeypatch.setattr(S, "_read_chunk_direct", lambda *a: calls.append(1) or orig(*a))
-    load_slide(path, 50, np.random.default_rng(0))
-    assert len(calls) == 2  # features and coords
-    load_slide(path, 1500, np.random.default_rng(0))
-    assert len(calls) == 2  # index walk this time
+    calls = {"direct": 0, "iter": 0}
+    for name in calls:
+        orig = getattr(S, {"direct": "_read_chunk_direct", "iter": "_iter_chunk_table"}[name])
+        monkeypatch.setattr(S, orig.__name__, lambda *a, _o=orig, _n=name: calls.__setitem__(_n, calls[_n] + 1)
+                            or _o(*a))
+    old = write_slide(tmp_path / "a.h5", feats, xy, fchunks=(1, D), cchunks=(1, 2), maxshape=True)
+    for k in (50, 1500):
+        load_slide(old, k, np.random.default_rng(0))
+    assert calls == {"direct": 0, "iter": 0}
+    new = write_slide(tmp_path / "b.h5", feats, xy, fchunks=(1, D), cchunks=(1, 2), maxshape=True, libver="latest")
+    load_slide(new, 50, np.random.default_rng(0))
+    assert calls == {"direct": 2, "iter": 0}  # features and coords
+    load_slide(new, 1500, np.random.default_rng(0))
+    assert calls == {"direct": 2, "iter": 2}
 
 
 def test_spatial_order_and_coords_yx_swap(tmp_path):
@@ -336,5 +348,24 @@ def test_bench_script_runs_small(tmp_path):
         [sys.executable, str(bench), "--n", "400", "--d", "16", "--k", "64", "--repeats", "1", "--tmp", str(tmp_path)],
         capture_output=True, text=True, check=True,
     ).stdout
-    assert "chunks (1,D)" in out and "seed/ours" in out and "targets (wall-clock):" in out
+    assert "chunks (1,D)" in out and "seed/ours" in out and "seed/rows" in out and "targets (wall-clock):" in out
     assert list(tmp_path.iterdir()) == []  # temp files deleted
+
+
+def test_wrong_parsed_chunk_addresses_are_caught_by_the_probe(tmp_path, monkeypatch):
+    """If the parsed chunk index were wrong, the one-row HDF5 cross-check notices, warns and falls
+    back to HDF5's own read: the result is still the right tiles."""
+    feats, xy = make_data(640, D)
+    path = write_slide(tmp_path / "s.h5", feats, xy, fchunks=(32, D), cchunks=(32, 2))
+    real = S.chunk_table
+
+    def shifted(f, name, dset, fr):
+        table = real(f, name, dset, fr)
+        return None if table is None else np.roll(table, 1, axis=0)  # every chunk at its neighbour's address
+
+    monkeypatch.setattr(S, "chunk_table", shifted)
+    with pytest.warns(RuntimeWarning, match="disagreed with HDF5"):
+        slide = load_slide(path, 100, np.random.default_rng(3))
+    ref_f, ref_c = reference(feats, xy, sample_indices(640, 100, np.random.default_rng(3)))
+    np.testing.assert_array_equal(slide.features, ref_f)
+    np.testing.assert_array_equal(slide.coords, ref_c)

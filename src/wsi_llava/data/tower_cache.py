@@ -24,7 +24,7 @@ Attributes: ``format_version``; ``tower_sha256`` (:func:`weights_sha256` of the 
 
 Files are written to a temporary name in the same folder and renamed into place, so a file under its
 final name is always complete. All datasets are stored contiguous and uncompressed, so sampled rows
-are read through a memory map (a few milliseconds for 2,048 of 50,000 rows).
+are read by byte address (a few milliseconds for 2,048 of 50,000 rows).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
+from .h5layout import FileReader
 from .slides import Slide, read_slide_meta, sample_indices
 
 FORMAT_VERSION = 1
@@ -154,11 +155,12 @@ def write_cache_file(path: str | os.PathLike, *, tokens: np.ndarray, cls_token: 
 
 
 def _read_rows(path: Path, ds: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` (sorted) of a 2-D dataset: memory map for contiguous storage, else h5py."""
+    """Rows ``idx`` (sorted) of a 2-D dataset: positioned reads for contiguous storage, else h5py."""
     offset = ds.id.get_offset() if ds.chunks is None else None
     if offset is not None:
-        mm = np.memmap(path, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
-        return np.asarray(mm[idx])
+        row_bytes = ds.shape[1] * ds.dtype.itemsize
+        with FileReader(str(path)) as fr:
+            return fr.gather(offset + idx.astype(np.int64) * row_bytes, row_bytes, mapped=True).view(ds.dtype)
     return ds[idx]
 
 
