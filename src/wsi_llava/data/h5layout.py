@@ -233,10 +233,10 @@ def _walk_tree(fr: FileReader, base: int, root: int, shape, chunks, itemsize: in
         heads = raw[:, : _NODE_DTYPE.itemsize].copy().view(_NODE_DTYPE)[:, 0]
         if (heads["sig"] != b"TREE").any() or (heads["type"] != 1).any():
             return None
-        levels = np.unique(heads["level"])
-        if len(levels) != 1 or (level is not None and int(levels[0]) != level):
+        low, high = int(heads["level"].min()), int(heads["level"].max())
+        if low != high or (level is not None and low != level):
             return None
-        level = int(levels[0])
+        level = low
         used = heads["used"].astype(np.int64)
         if int(used.max()) > _DEFAULT_ENTRIES:  # ... and again for all records when nodes are bigger
             width = int(used.max()) * _RECORD_BYTES

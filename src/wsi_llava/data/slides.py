@@ -427,7 +427,8 @@ def _read_chunked(
     """
     n, c = dset.shape
     cr, cc = dset.chunks
-    need = np.unique(idx // cr)
+    chunk_of = idx // cr  # idx is sorted, so its distinct chunks are where the chunk changes
+    need = chunk_of[np.r_[True, chunk_of[1:] != chunk_of[:-1]]] if len(idx) else chunk_of
     table = chunk_table(f, key, dset, fr)  # the v1 B-tree, parsed (every h5py-default file)
     if table is None and hasattr(dset.id, "chunk_iter") and math.ceil(n / cr) <= _LOOKUP_VS_ITER * len(need):
         table = _iter_chunk_table(dset)  # a newer index: HDF5's walk, unless few chunks are needed
