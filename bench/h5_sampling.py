@@ -7,8 +7,8 @@ Compares, in one run and on the same files (warm page cache, medians over interl
 * ``ours``   — :func:`wsi_llava.data.slides.load_slide` (uniform sample; includes every check,
   float32 conversion and the spatial sort);
 * ``ours/chunks`` — ``load_slide(..., sampling="chunks")`` (only differs on compressed files);
-* ``rows``   — the I/O floor: only the reads of the same sampled feature rows (memory map for
-  contiguous, ``os.preadv`` for chunked storage, as ``ours``), their byte addresses known in advance (no HDF5, no coordinates, no checks, no float32 conversion). No reader
+* ``rows``   — the I/O floor: only the ``os.preadv`` reads of the same sampled feature rows (as
+  ``ours`` does them), their byte addresses known in advance (no HDF5, no coordinates, no checks, no float32 conversion). No reader
   of a uniform sample can beat it on this machine; ``seed/rows`` bounds the achievable ratio.
 
 Usage::
@@ -118,7 +118,7 @@ def rows_floor(path: Path, k: int, rng: np.random.Generator):
     n, table, cr, row = known
     idx = sample_indices(n, k, rng)
     with FileReader(str(path)) as fr:  # the same read method as load_slide for the layout
-        return fr.gather(table[idx // cr, 0] + (idx % cr) * row, row, mapped=cr == n)
+        return fr.gather(table[idx // cr, 0] + (idx % cr) * row, row)
 
 
 METHODS = {"seed": seed_method, "fancy": fancy_method, "ours": ours, "ours/chunks": ours_chunks, "rows": rows_floor}

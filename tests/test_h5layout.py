@@ -98,8 +98,8 @@ def test_gather_any_addresses_and_bounds(tmp_path):
         addrs = np.array([990, 0, 3, 501, 3])
         want = np.stack([blob[a: a + 10] for a in addrs])
         np.testing.assert_array_equal(fr.gather(addrs, 10), want)
-        np.testing.assert_array_equal(fr.gather(addrs, 10, mapped=True), want)  # out of file order
-        np.testing.assert_array_equal(fr.gather(np.sort(addrs), 10, mapped=True), want[np.argsort(addrs, kind="stable")])
+        np.testing.assert_array_equal(fr.gather(addrs, 10), want)  # out of file order
+        np.testing.assert_array_equal(fr.gather(np.sort(addrs), 10), want[np.argsort(addrs, kind="stable")])
         spread = np.array([900, 10, 450])  # rows far apart: one read per row, not one span
         np.testing.assert_array_equal(fr.gather(spread, 3), np.stack([blob[a: a + 3] for a in spread]))
         assert fr.gather(np.array([], dtype=np.int64), 10).shape == (0, 10)
@@ -107,8 +107,6 @@ def test_gather_any_addresses_and_bounds(tmp_path):
             fr.gather(np.array([991]), 10)
         with pytest.raises(ValueError, match="beyond the file"):
             fr.gather(np.array([-1]), 10)
-        with pytest.raises(ValueError, match="beyond the file"):
-            fr.gather(np.array([995]), 10, mapped=True)
     p.write_bytes(b"")
     with FileReader(str(p)) as fr:
         assert fr.size == 0

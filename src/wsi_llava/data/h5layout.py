@@ -1,4 +1,4 @@
-"""Byte addresses of HDF5 dataset rows, and row gathers from a memory-mapped file.
+"""Byte addresses of HDF5 dataset rows, and positioned reads of rows from a file.
 
 Two pure helpers behind the fast tile reader (:mod:`wsi_llava.data.slides`):
 
@@ -22,7 +22,6 @@ data layout message v3 §IV.A.2.i, version-1 B-tree §III.A.1).
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 
@@ -43,31 +42,24 @@ _IOV_MAX = 1024
 _SPAN_BYTES_PER_ROW = 16384
 
 
-def _take(buffer, width: int, addrs: np.ndarray) -> np.ndarray:
-    """[M, width] uint8 copy of ``buffer[a : a + width]`` for each a in ``addrs`` (no view survives)."""
-    return sliding_window_view(np.frombuffer(buffer, dtype=np.uint8), width)[addrs]
-
-
-def _preadv(fd: int, buffers: list, at: int) -> int:  # pragma: no cover - platforms without preadv
+def _seek_and_read(fd: int, buffers: list, at: int) -> int:
+    """``os.preadv`` for platforms without it (Windows)."""
     os.lseek(fd, at, os.SEEK_SET)
     return sum(os.readv(fd, [b]) for b in buffers)
 
 
-if hasattr(os, "preadv"):
-    _preadv = os.preadv  # noqa: F811 - the real thing on Linux and macOS
+_preadv = getattr(os, "preadv", _seek_and_read)
 
 
 class FileReader:
     """Positioned reads of fixed-size rows from one file: ``with FileReader(path) as fr: fr.gather(…)``.
 
-    Two ways to read, measured on the benchmark's files (``bench/h5_sampling.py``):
-
-    * default: ``os.preadv`` straight into the output array, one system call per run of adjacent
-      rows: about the same cost per row whatever the page cache holds;
-    * ``mapped=True``: one gather from a read-only memory map, in file order. Much faster when the
-      page cache holds the region in large folios (a dataset written in one piece, e.g. contiguous
-      storage: 3.0 vs 7.5 ms for 2,048 rows of 6 KB), slower when it is fragmented (TRIDENT's
-      one-row chunks: 13.5 vs 8.8 ms), so the caller chooses per layout.
+    Rows are read with ``os.preadv`` straight into the output array, one system call per run of
+    adjacent rows; rows packed densely (coordinates, B-tree nodes) with one read of their span.
+    A memory map was measured too (``bench/h5_sampling.py``'s files, 2,048 rows of 6 KB): faster
+    when the page cache holds the file in large folios (written or read sequentially: 2.9 vs
+    4.9 ms), twice as slow when it was filled by random reads (13 vs 6 ms), as in training; positioned
+    reads cost about the same per row either way, so they are used throughout.
     """
 
     def __init__(self, path: str):
@@ -75,7 +67,7 @@ class FileReader:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self.size = os.fstat(self._fd).st_size
 
-    def gather(self, addrs: np.ndarray, width: int, mapped: bool = False) -> np.ndarray:
+    def gather(self, addrs: np.ndarray, width: int) -> np.ndarray:
         """``out[p] = file[addrs[p] : addrs[p] + width]`` → [M, width] uint8.
 
         ``addrs`` [M] int64 absolute byte addresses in any order; raises ``ValueError`` when a row
@@ -88,14 +80,11 @@ class FileReader:
         first, end = int(addrs.min()), int(addrs.max()) + width
         if first < 0 or end > self.size:
             raise ValueError(f"{self.path}: rows of {width} bytes at addresses beyond the file's {self.size} bytes")
-        if mapped:
-            return self._gather_mapped(addrs, width)
-        out = np.empty((m, width), dtype=np.uint8)
         if end - first <= m * _SPAN_BYTES_PER_ROW:  # dense rows (coordinates, B-tree nodes): one read
             span = np.empty(end - first, dtype=np.uint8)
             self._read_into([memoryview(span)], first)
-            out[:] = sliding_window_view(span, width)[addrs - first]
-            return out
+            return sliding_window_view(span, width)[addrs - first]
+        out = np.empty((m, width), dtype=np.uint8)
         by_addr = np.argsort(addrs, kind="stable")
         a = addrs[by_addr]
         view = memoryview(out).cast("B")
@@ -110,23 +99,6 @@ class FileReader:
                 continue
             for s2 in range(s, e, _IOV_MAX):
                 self._read_into(bufs[s2: min(e, s2 + _IOV_MAX)], at[s2])
-        return out
-
-    def _gather_mapped(self, addrs: np.ndarray, width: int) -> np.ndarray:
-        in_order = bool((np.diff(addrs) > 0).all())
-        by_addr = None if in_order else np.argsort(addrs, kind="stable")
-        region = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
-        try:
-            rows = _take(region, width, addrs if in_order else addrs[by_addr])
-        finally:
-            try:
-                region.close()
-            except BufferError:  # a view outlived an error; the map goes when it is collected
-                pass
-        if in_order:
-            return rows
-        out = np.empty_like(rows)
-        out[by_addr] = rows
         return out
 
     def _read_into(self, buffers: list, at: int) -> None:

@@ -160,7 +160,7 @@ def _read_rows(path: Path, ds: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
     if offset is not None:
         row_bytes = ds.shape[1] * ds.dtype.itemsize
         with FileReader(str(path)) as fr:
-            return fr.gather(offset + idx.astype(np.int64) * row_bytes, row_bytes, mapped=True).view(ds.dtype)
+            return fr.gather(offset + idx.astype(np.int64) * row_bytes, row_bytes).view(ds.dtype)
     return ds[idx]
 
 
