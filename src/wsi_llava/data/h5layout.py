@@ -1,12 +1,12 @@
 """Byte addresses of HDF5 dataset rows, and positioned reads of rows from a file.
 
-Two pure helpers behind the fast tile reader (:mod:`wsi_llava.data.slides`):
+Two helpers behind the fast tile reader (:mod:`wsi_llava.data.slides`):
 
 * :func:`chunk_table` — the file address of every chunk of a chunked dataset, read straight from the
   dataset's **version-1 B-tree** (the chunk index h5py and the HDF5 library write by default, so
   every CLAM and TRIDENT file). HDF5's own per-chunk calls cost about 1 µs a chunk (``H5Dchunk_iter``
-  with its Python callback, or a full read of a small chunked dataset); parsing the tree's nodes
-  costs about 5 µs per node of up to 64 chunks. Anything else (version-2 object headers, layout
+  with its Python callback, or a full read of a small chunked dataset); reading the tree's nodes
+  directly costs about 10–15 µs per node of up to 64 chunks (one read each, parsed vectorised). Anything else (version-2 object headers, layout
   message ≠ 3, the newer chunk indexes of ``libver="latest"`` files, 4-byte addresses) returns
   ``None`` and the caller asks HDF5 instead. The parser trusts nothing: every node's signature,
   type, level and bounds are checked, and the leaves must tile the chunk grid exactly once with
@@ -194,7 +194,7 @@ _DEFAULT_ENTRIES = 64
 def _walk_tree(fr: FileReader, base: int, root: int, shape, chunks, itemsize: int) -> np.ndarray | None:
     """Leaves of a v1 B-tree of a 2-D dataset → [R, C] chunk addresses (see :func:`chunk_table`).
 
-    One level at a time, every node of the level in one gather.
+    One level at a time, every node of the level in one gather (one read per node).
     """
     grid = (-(-int(shape[0]) // int(chunks[0])), -(-int(shape[1]) // int(chunks[1])))
     expected = grid[0] * grid[1]

@@ -14,7 +14,6 @@ I/O, never ``N``:
   Files with a newer chunk index (``libver="latest"``) use HDF5's walk (``H5Dchunk_iter``), or,
   when that would visit far more chunks than the sample touches, read the needed chunks one by one
   (``H5Dread_chunk``, straight into the output row);
-
 * **chunked, compressed** (gzip, lzf, …): the needed chunks are read as chunk-aligned runs through
   HDF5 (each chunk decompressed once); the chunk cache holds at least one chunk row;
 * anything else (compact, virtual, external storage): h5py with a sorted index.
@@ -24,7 +23,8 @@ order), one system call per run of adjacent rows (:class:`~wsi_llava.data.h5layo
 
 The chunked fast path re-reads one sampled row through h5py and compares bytes; a mismatch falls
 back to the plain h5py read (correct, slow) with a warning. (Contiguous rows need no such check:
-their address is HDF5's own ``get_offset`` plus the row-major layout the format defines.) See docs/data.md for the sampling guarantees.
+their address is HDF5's own ``get_offset`` plus the row-major layout the format defines.)
+See docs/data.md for the sampling guarantees.
 
 Files are opened per call and closed before returning, so nothing h5py crosses a fork and
 :class:`Slide` pickles (spawned DataLoader workers).
@@ -432,6 +432,8 @@ def _read_chunked(
     table = chunk_table(f, key, dset, fr)  # the v1 B-tree, parsed (every h5py-default file)
     if table is None and hasattr(dset.id, "chunk_iter") and math.ceil(n / cr) <= _LOOKUP_VS_ITER * len(need):
         table = _iter_chunk_table(dset)  # a newer index: HDF5's walk, unless few chunks are needed
+        if table is None:  # chunks of unexpected sizes: let HDF5 read them
+            return _read_h5py(dset, idx)[order]
     if table is None:
         dest = np.empty(len(idx), dtype=np.int64)
         dest[order] = np.arange(len(idx))
