@@ -371,3 +371,18 @@ def test_predict_with_cache_matches_predict_with_tower(stage2_runs, cohort, cach
     assert cli(base + ["--out", str(tmp_path / "p.jsonl"), "--tower-cache", str(partial)]) == 1
     errors = [json.loads(x) for x in (tmp_path / "p.errors.jsonl").read_text().splitlines()]
     assert errors and all(cache_file_name(gone) in e["error"] for e in errors)
+
+
+def test_chat_with_cache_answers_like_chat_with_tower(stage2_runs, cohort, cache_dir, capsys):
+    model = stage2_runs["cache"]
+    rec = load_manifest(cohort.test_csv)[0]
+    base = ["chat", "--model", str(model), "--slide", rec.h5_path, "--question", "What is the diagnosis?",
+            "--max-new-tokens", "3", "--explain"]
+    assert cli(base) == 0
+    with_tower = capsys.readouterr().out
+    assert cli(base + ["--tower-cache", str(cache_dir), "--slide-id", rec.slide_id]) == 0
+    assert capsys.readouterr().out == with_tower  # same answer, same tiles
+    with pytest.raises(TowerCacheError, match="no-such-slide"):
+        cli(base + ["--tower-cache", str(cache_dir), "--slide-id", "no-such-slide"])
+    with pytest.raises(SystemExit, match="only applies with --tower-cache"):
+        cli(base + ["--slide-id", rec.slide_id])

@@ -1,10 +1,14 @@
-"""`wsi-llava chat --model DIR --slide X.h5 [--question Q]`: one answer, or a multi-turn session."""
+"""`wsi-llava chat --model DIR --slide X.h5 [--question Q]`: one answer, or a multi-turn session.
+
+With ``--tower-cache DIR`` the slide's tower outputs are read from a ``wsi-llava encode`` folder (by
+``--slide-id``, default the file's stem) and the tower does not run."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .engine import GenerationSettings, SlideAssistant
 
@@ -17,11 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--explain", action="store_true", help="also print the selected tiles (coords, scores) as JSON")
+    parser.add_argument("--tower-cache", help="folder from `wsi-llava encode` (the model's tower): read the slide's "
+                                              "cached tower outputs instead of running the tower")
+    parser.add_argument("--slide-id", help="the slide's id in the tower cache (default: the slide file's name "
+                                           "without .h5); only with --tower-cache")
 
 
 def main(args: argparse.Namespace) -> int:
-    assistant = SlideAssistant.from_pretrained(args.model)
-    slide = assistant.load(args.slide)
+    if args.slide_id and not args.tower_cache:
+        raise SystemExit("--slide-id only applies with --tower-cache")
+    assistant = SlideAssistant.from_pretrained(args.model, tower_cache=args.tower_cache)
+    slide_id = (args.slide_id or Path(args.slide).stem) if args.tower_cache else None
+    slide = assistant.load(args.slide, slide_id=slide_id)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     history: list[tuple[str, str]] = []
     questions = [args.question] if args.question else None
