@@ -240,3 +240,33 @@ def test_bad_shapes_are_reported():
         dilated_attention(q, k, v, [4, 8], [1])
     with pytest.raises(ValueError, match=r"\[B, L, H, Dh\]"):
         dilated_attention(q[0], k[0], v[0], [4], [1])
+
+
+def test_short_tail_without_autograd_equals_the_padded_computation(monkeypatch):
+    """Without autograd, a mostly-padded last segment is cut to its real rows and the zero rows are
+    added back in closed form; the result equals the full padded computation (run with autograd)."""
+    import wsi_llava.model.dilated_attention as DA
+
+    calls = []
+    real = DA._attention_short_tail
+    monkeypatch.setattr(DA, "_attention_short_tail", lambda *a: calls.append(a[4]) or real(*a))
+    segments, dilations = [8, 12, 40], [1, 2, 4]
+    for length in (17, 25, 30):  # several segments, L not a multiple of w
+        q, k, v = rand_qkv(2, length, 8, 4, seed=length)
+        with torch.no_grad():
+            fast = dilated_attention(q, k, v, segments, dilations)
+        n_fast = len(calls)
+        assert n_fast > 0
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        slow = dilated_attention(qg, kg, vg, segments, dilations)
+        assert len(calls) == n_fast  # autograd: the plain padded path
+        torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast, naive_dilated(q, k, v, segments, dilations), rtol=1e-5, atol=1e-5)
+    # L = 17, w = 8: 3 segments, the last holds 1 real position of 8 → 1 row per group instead of 8
+    assert calls[0] == 1
+    # with a key padding mask the plain path runs (the mask defines its own zero rows)
+    calls.clear()
+    q, k, v = rand_qkv(2, 17, 8, 4)
+    with torch.no_grad():
+        dilated_attention(q, k, v, segments, dilations, torch.ones(2, 17, dtype=torch.bool).index_fill_(1, torch.tensor([16]), False))
+    assert calls == []

@@ -307,7 +307,54 @@ def _branch_sparse(q, k, v, geo: BranchGeometry, mask, last, scale, fused):
     """One branch in the dilated layout: out [B*n*r, ceil(H/r), m, Dh], lse [B*n*r, ceil(H/r), m]."""
     bias = None if mask is None else _key_bias(mask, last, geo, q.dtype)
     qi, ki, vi = (_gather(t, geo) for t in (q, k, v))
+    tail = _real_tail_rows(geo)
+    if bias is None and tail is not None and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return _attention_short_tail(qi, ki, vi, geo, tail, scale, fused)
     return attention_with_lse(qi, ki, vi, bias, scale, fused=fused)
+
+
+def _real_tail_rows(geo: BranchGeometry) -> int | None:
+    """Rows of the last segment's dilated groups that hold real positions, when that segment is
+    mostly zero padding (several segments, L not a multiple of w, linear layout); else None."""
+    if geo.num_segments < 2 or not _linear(geo):
+        return None
+    rest = geo.length - (geo.num_segments - 1) * geo.segment
+    rows = -(-rest // geo.dilation)
+    return rows if rows < geo.keys_per_group else None
+
+
+def _attention_short_tail(qi, ki, vi, geo: BranchGeometry, tail: int, scale, fused):
+    """:func:`attention_with_lse` over the dilated layout, with the last segment cut to its ``tail``
+    real rows and its ``z = m - tail`` zero rows put back in closed form.
+
+    A zero row is a key with score 0 and value 0: it adds ``exp(0) = 1`` to the softmax sum and
+    nothing to its numerator, so with ``lse`` and ``out`` over the real keys the full answer is
+    ``lse' = logaddexp(lse, log z)`` and ``out' = out · exp(lse - lse')``. Exact, but the scale
+    factor comes from the (gradient-free) log-sum-exp, so this runs only without autograd (a frozen
+    tower, ``encode``, inference); training the tower takes the plain path. Zero-row queries lie past
+    L and are never read. Saves up to one segment's work per branch (16 % of a 70,000-tile slide).
+    """
+    n, r, m = geo.num_segments, geo.dilation, geo.keys_per_group
+    b = qi.shape[0] // (n * r)
+    hh, dh = qi.shape[1], qi.shape[3]
+
+    def split(t):  # [B*n*r, hh, m, Dh] → full segments [B*(n-1)*r, hh, m, Dh], tail [B*r, hh, tail, Dh]
+        t6 = t.view(b, n, r, hh, m, dh)
+        return t6[:, : n - 1].reshape(-1, hh, m, dh), t6[:, n - 1, :, :, :tail].reshape(-1, hh, tail, dh)
+
+    (qf, qt), (kf, kt), (vf, vt) = split(qi), split(ki), split(vi)
+    out_full, lse_full = attention_with_lse(qf, kf, vf, None, scale, fused=fused)
+    out_tail, lse_tail = attention_with_lse(qt, kt, vt, None, scale, fused=fused)
+    lse_all = torch.logaddexp(lse_tail, lse_tail.new_tensor(math.log(m - tail)))
+    out_tail = out_tail * torch.exp(lse_tail - lse_all).unsqueeze(-1).to(out_tail.dtype)
+    out = qi.new_zeros(b, n, r, hh, m, dh)
+    lse = lse_full.new_full((b, n, r, hh, m), UNCOVERED_LSE)
+    out[:, : n - 1] = out_full.view(b, n - 1, r, hh, m, dh)
+    out[:, n - 1, :, :, :tail] = out_tail.view(b, r, hh, tail, dh)
+    lse[:, : n - 1] = lse_full.view(b, n - 1, r, hh, m)
+    lse[:, n - 1, :, :, :tail] = lse_all.view(b, r, hh, tail)
+    return out.view(b * n * r, hh, m, dh), lse.view(b * n * r, hh, m)
 
 
 def _prepare(q, k, v, key_padding_mask):
