@@ -21,8 +21,12 @@ Semantics (those of the original torchscale/GigaPath code, re-stated; see ``docs
   outputs for its real tokens whether or not padding is appended, and an all-True mask equals no mask.
   Outputs at masked positions are 0.
 
-Every branch is one fused attention call over all segments and head groups (``[B*n*r, H/r, m, Dh]``);
-gather and scatter are views (``diagonal`` of a ``[.., m, r, r, H/r, ..]`` view) plus one copy of
+Without autograd, a branch whose last segment is mostly zero padding computes that segment over its
+real rows only and adds the zero rows' share of the softmax in closed form (same output, less work;
+see :func:`_attention_short_tail`).
+
+Every branch is one fused attention call over all segments and head groups (``[B*n*r, H/r, m, Dh]``;
+two when the tail is cut); gather and scatter are views (``diagonal`` of a ``[.., m, r, r, H/r, ..]`` view) plus one copy of
 ``1/r`` of the data. On CPU the fused kernel is the flash kernel behind
 ``F.scaled_dot_product_attention``, called through its aten op because that is the only way to get its
 log-sum-exp; elsewhere ``F.scaled_dot_product_attention`` runs and the log-sum-exp is computed exactly
