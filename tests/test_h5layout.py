@@ -110,3 +110,34 @@ def test_gather_any_addresses_and_bounds(tmp_path):
     p.write_bytes(b"")
     with FileReader(str(p)) as fr:
         assert fr.size == 0
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 32])
+def test_clam_style_appends_interleaving_two_datasets(tmp_path, chunk_rows):
+    """CLAM/TRIDENT write batch by batch: resize, append features, append coords. The chunks of the
+    two datasets interleave in the file and the B-trees split as they grow; the parsed tables still
+    equal HDF5's, and rows read at those addresses are the tiles."""
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "s.h5")
+    feats = rng.standard_normal((3000, 12)).astype("f4")
+    coords = rng.integers(0, 10_000, (3000, 2))
+    with h5py.File(path, "w") as f:
+        fd = f.create_dataset("features", shape=(0, 12), maxshape=(None, 12), chunks=(chunk_rows, 12), dtype="f4")
+        cd = f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), chunks=(chunk_rows, 2), dtype="i8")
+        for start in range(0, 3000, 256):
+            batch = slice(start, min(3000, start + 256))
+            n = batch.stop
+            fd.resize(n, axis=0)
+            fd[batch] = feats[batch]
+            cd.resize(n, axis=0)
+            cd[batch] = coords[batch]
+    rows = np.sort(rng.choice(3000, 300, replace=False))
+    with h5py.File(path, "r") as f, FileReader(path) as fr:
+        for name, data in (("features", feats), ("coords", coords)):
+            d = f[name]
+            table = chunk_table(f, name, d, fr)
+            assert table is not None
+            np.testing.assert_array_equal(table, hdf5_table(d))
+            row_bytes = d.shape[1] * d.dtype.itemsize
+            got = fr.gather(table[rows // chunk_rows, 0] + (rows % chunk_rows) * row_bytes, row_bytes).view(d.dtype)
+            np.testing.assert_array_equal(got, data[rows])
