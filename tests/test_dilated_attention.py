@@ -270,3 +270,45 @@ def test_short_tail_without_autograd_equals_the_padded_computation(monkeypatch):
     with torch.no_grad():
         dilated_attention(q, k, v, segments, dilations, torch.ones(2, 17, dtype=torch.bool).index_fill_(1, torch.tensor([16]), False))
     assert calls == []
+
+
+def test_fused_kernels_are_self_checked_once_and_dropped_when_wrong(monkeypatch):
+    """A device's fused kernel (the CUDA flash op on a GPU) is compared once with the public path;
+    a kernel that disagrees or fails is not used (warning), so it can cost speed, never correctness."""
+    import wsi_llava.model.dilated_attention as DA
+
+    monkeypatch.setattr(DA, "_VERIFIED", {})
+    cpu = torch.device("cpu")
+    assert DA._verified(DA._fused_cpu, cpu, torch.float32, 8)
+
+    def off_by_one(q, k, v, bias, scale):
+        out, lse = DA._fused_cpu(q, k, v, bias, scale)
+        return out, lse + 1.0  # e.g. a log2 log-sum-exp, or a changed private op
+
+    def broken(q, k, v, bias, scale):
+        raise RuntimeError("no kernel image is available")
+
+    for kernel, why in ((off_by_one, "disagreed"), (broken, "failed")):
+        with pytest.warns(RuntimeWarning, match=why):
+            assert not DA._verified(kernel, cpu, torch.bfloat16 if kernel is broken else torch.float16, 16)
+    # remembered: no second check, no second warning
+    import warnings as W
+    with W.catch_warnings():
+        W.simplefilter("error")
+        assert not DA._verified(off_by_one, cpu, torch.float16, 16)
+        assert DA._verified(DA._fused_cpu, cpu, torch.float32, 8)
+
+
+def test_gpu_check_script_runs_on_cpu():
+    """bench/gpu_check.py (the one prepared script for a lent GPU) stays runnable: smoke run on CPU."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    res = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick", "--repeats", "1", "--tiles", "300"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "1. correctness" in out and "2. speed" in out and "3. full-size encoder, 300 tiles" in out
+    err = float(out.split("float32   error ")[1].split()[0])
+    assert err < 1e-5  # the same float32 computation on the same device
