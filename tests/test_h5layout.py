@@ -141,3 +141,33 @@ def test_clam_style_appends_interleaving_two_datasets(tmp_path, chunk_rows):
             row_bytes = d.shape[1] * d.dtype.itemsize
             got = fr.gather(table[rows // chunk_rows, 0] + (rows % chunk_rows) * row_bytes, row_bytes).view(d.dtype)
             np.testing.assert_array_equal(got, data[rows])
+
+
+def test_gather_picks_a_read_method_by_density_and_all_agree(tmp_path, monkeypatch):
+    """Sparse big rows: preadv; dense big rows: memory map; small rows packed close: one span read.
+    Each is exercised here and returns the same bytes."""
+    import wsi_llava.data.h5layout as HL
+
+    p = tmp_path / "big.bin"
+    blob = np.random.default_rng(0).integers(0, 256, 2_000_000, dtype=np.uint8)
+    p.write_bytes(blob.tobytes())
+    used = []
+    for name in ("_gather_mapped", "_read_into"):
+        orig = getattr(HL.FileReader, name)
+        monkeypatch.setattr(HL.FileReader, name, lambda self, *a, _o=orig, _n=name: used.append(_n) or _o(self, *a))
+    cases = {
+        "sparse": (np.array([1_900_000, 5, 700_000, 1_200_000, 5 + 5000]), 5000),  # adjacent pair → one preadv run
+        "dense": (np.array([30_000, 0, 12_000, 6000]), 5000),
+        "small": (np.array([900, 10, 450, 10]), 16),
+    }
+    for label, (addrs, width) in cases.items():
+        used.clear()
+        with HL.FileReader(str(p)) as fr:
+            got = fr.gather(addrs, width)
+        np.testing.assert_array_equal(got, np.stack([blob[a: a + width] for a in addrs]), err_msg=label)
+        if label == "dense":
+            assert used == ["_gather_mapped"]
+        elif label == "small":
+            assert used == ["_read_into"]  # the one span read
+        else:
+            assert "_gather_mapped" not in used and used.count("_read_into") == 1  # single rows skip the helper

@@ -34,22 +34,22 @@ def _pad_1d(seqs: list[torch.Tensor], value, side: str) -> torch.Tensor:
 
 def pad_tiles(features: list[torch.Tensor], coords: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad per-slide tiles: features [N_i, D], coords [N_i, 2] → [B, N, D], [B, N, 2], mask [B, N]."""
-    b, n, d = len(features), max(len(f) for f in features), features[0].shape[-1]
-    feats = torch.zeros((b, n, d), dtype=features[0].dtype)
-    xy = torch.zeros((b, n, 2), dtype=torch.float32)
-    mask = torch.zeros((b, n), dtype=torch.bool)
-    for i, (f, c) in enumerate(zip(features, coords)):
-        feats[i, : len(f)] = f
-        xy[i, : len(c)] = c.float()
+    n = max(len(f) for f in features)
+    feats = _pad_rows(features, n)
+    xy = _pad_rows([c.float() for c in coords], n)
+    mask = torch.zeros((len(features), n), dtype=torch.bool)
+    for i, f in enumerate(features):
         mask[i, : len(f)] = True
     return feats, xy, mask
 
 
 def _pad_rows(rows: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Stack [N_i, ...] tensors into [B, n, ...], zero-padded."""
-    out = torch.zeros((len(rows), n, *rows[0].shape[1:]), dtype=rows[0].dtype)
+    """Stack [N_i, ...] tensors into [B, n, ...], zero-padded. Only the padding is zeroed: writing
+    zeros over a whole batch of slides first (50 MB for 4 × 2,048 × 1,536) cost as much as the copy."""
+    out = torch.empty((len(rows), n, *rows[0].shape[1:]), dtype=rows[0].dtype)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
+        out[i, len(r):] = 0
     return out
 
 

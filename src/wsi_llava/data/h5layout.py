@@ -12,8 +12,8 @@ Two helpers behind the fast tile reader (:mod:`wsi_llava.data.slides`):
   type, level and bounds are checked, and the leaves must tile the chunk grid exactly once with
   uncompressed, full-size chunks, else ``None`` again.
 * :class:`FileReader` — fixed-size rows from arbitrary byte addresses of a file into one array:
-  ``os.preadv`` straight into each row's output position, one system call per run of adjacent rows;
-  rows packed densely (coordinates, B-tree nodes) come from one read of their whole span.
+  ``os.preadv`` straight into each row's output position for sparse rows, a memory-map gather for
+  dense ones, one read of the whole span for small rows packed close (coordinates).
 
 Shapes: ``R`` row chunks × ``C`` column chunks; ``M`` rows gathered.
 File format reference: the HDF5 File Format Specification, version 3 (object header v1 §IV.A.1.a,
@@ -22,6 +22,7 @@ data layout message v3 §IV.A.2.i, version-1 B-tree §III.A.1).
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 
@@ -37,9 +38,18 @@ _MAX_TREE_DEPTH = 64
 
 #: most buffers one ``preadv`` call may take (IOV_MAX is 1024 on Linux and macOS)
 _IOV_MAX = 1024
-#: read the whole span of the wanted rows at once when it is at most this many bytes per row (one
-#: system call costs about as much as copying ~16 KB from the page cache)
+#: small rows (< a page): read the whole span of the wanted rows at once when it is at most this many
+#: bytes per row (one system call costs about as much as copying ~16 KB from the page cache)
 _SPAN_BYTES_PER_ROW = 16384
+_PAGE = 4096
+#: rows this dense or denser are gathered from a memory map: a page fault maps up to 16 pages (64 KiB)
+#: around it, so each fault then serves at least one wanted row on average
+_MAPPED_BYTES_PER_ROW = 65536
+
+
+def _take(buffer, width: int, addrs: np.ndarray) -> np.ndarray:
+    """[M, width] uint8 copy of ``buffer[a : a + width]`` for each a in ``addrs`` (no view survives)."""
+    return sliding_window_view(np.frombuffer(buffer, dtype=np.uint8), width)[addrs]
 
 
 def _seek_and_read(fd: int, buffers: list, at: int) -> int:
@@ -54,12 +64,15 @@ _preadv = getattr(os, "preadv", _seek_and_read)
 class FileReader:
     """Positioned reads of fixed-size rows from one file: ``with FileReader(path) as fr: fr.gather(…)``.
 
-    Rows are read with ``os.preadv`` straight into the output array, one system call per run of
-    adjacent rows; rows packed densely (coordinates, B-tree nodes) with one read of their span.
-    A memory map was measured too (``bench/h5_sampling.py``'s files, 2,048 rows of 6 KB): faster
-    when the page cache holds the file in large folios (written or read sequentially: 2.9 vs
-    4.9 ms), twice as slow when it was filled by random reads (13 vs 6 ms), as in training; positioned
-    reads cost about the same per row either way, so they are used throughout.
+    Three ways, chosen by how densely the wanted rows lie (measured on 6 KB rows, 2-core machine):
+
+    * sparse rows (less than one per 64 KiB, e.g. 2,048 of 50,000 tiles): ``os.preadv`` straight into
+      the output array, one system call per run of adjacent rows. A memory map costs a page fault per
+      row there and was measured up to twice as slow (13 vs 6 ms) when the page cache had been filled
+      by random reads, as in training;
+    * denser rows (e.g. 2,048 of 4,096 tiles): one gather from a read-only memory map, where each
+      fault maps 64 KiB around it and so serves several rows (1.3–4.2 vs 3.6–4.7 ms with ``preadv``);
+    * small rows packed close (coordinates): one read of their whole span.
     """
 
     def __init__(self, path: str):
@@ -80,10 +93,13 @@ class FileReader:
         first, end = int(addrs.min()), int(addrs.max()) + width
         if first < 0 or end > self.size:
             raise ValueError(f"{self.path}: rows of {width} bytes at addresses beyond the file's {self.size} bytes")
-        if end - first <= m * _SPAN_BYTES_PER_ROW:  # dense rows (coordinates, B-tree nodes): one read
-            span = np.empty(end - first, dtype=np.uint8)
-            self._read_into([memoryview(span)], first)
-            return sliding_window_view(span, width)[addrs - first]
+        span = end - first
+        if width < _PAGE and span <= m * _SPAN_BYTES_PER_ROW:  # small rows packed close (coordinates): one read
+            buf = np.empty(span, dtype=np.uint8)
+            self._read_into([memoryview(buf)], first)
+            return sliding_window_view(buf, width)[addrs - first]
+        if span <= m * _MAPPED_BYTES_PER_ROW:  # at least one wanted row per page-fault window: map
+            return self._gather_mapped(addrs, width)
         out = np.empty((m, width), dtype=np.uint8)
         by_addr = np.argsort(addrs, kind="stable")
         a = addrs[by_addr]
@@ -100,6 +116,16 @@ class FileReader:
             for s2 in range(s, e, _IOV_MAX):
                 self._read_into(bufs[s2: min(e, s2 + _IOV_MAX)], at[s2])
         return out
+
+    def _gather_mapped(self, addrs: np.ndarray, width: int) -> np.ndarray:
+        region = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        try:
+            return _take(region, width, addrs)
+        finally:
+            try:
+                region.close()
+            except BufferError:  # a view outlived an error; the map goes when it is collected
+                pass
 
     def _read_into(self, buffers: list, at: int) -> None:
         want = sum(len(b) for b in buffers)
