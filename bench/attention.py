@@ -25,9 +25,11 @@ import subprocess
 import sys
 import time
 
-SEGMENTS = (1024, 5792, 32768, 185363, 1048576)
-DILATIONS = (1, 2, 4, 8, 16)
-HEADS, HEAD_DIM = 16, 48
+from wsi_llava.model.slide_encoder import SlideEncoderConfig
+
+_PUBLISHED = SlideEncoderConfig()  # the published gigapath_slide_enc12l768d
+SEGMENTS, DILATIONS = _PUBLISHED.segment_lengths, _PUBLISHED.dilations
+HEADS, HEAD_DIM = _PUBLISHED.num_heads, _PUBLISHED.embed_dim // _PUBLISHED.num_heads
 BIG_TILES = 70_000
 
 

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from wsi_llava.model import dilated_attention as DA
-from wsi_llava.model.slide_encoder import SlideEncoder
+from wsi_llava.model.slide_encoder import SlideEncoder, SlideEncoderConfig
 
-SEGMENTS = (1024, 5792, 32768, 185363, 1048576)
-DILATIONS = (1, 2, 4, 8, 16)
-HEADS, HEAD_DIM = 16, 48
+_PUBLISHED = SlideEncoderConfig()  # the published gigapath_slide_enc12l768d
+SEGMENTS, DILATIONS = _PUBLISHED.segment_lengths, _PUBLISHED.dilations
+HEADS, HEAD_DIM = _PUBLISHED.num_heads, _PUBLISHED.embed_dim // _PUBLISHED.num_heads
 
 
 def _sync(device: torch.device) -> None:

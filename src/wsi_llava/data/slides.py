@@ -447,13 +447,14 @@ def _read_chunked(
         raise _unwritten(path, key, f"rows {r0}–{min(n, r0 + cr) - 1}{more}")
     itemsize = dset.dtype.itemsize
     rows = idx[order]
-    within = (rows % cr) * (cc * itemsize)  # row offset inside its chunk
+    chunk_row, within = np.divmod(rows, cr)
+    within *= cc * itemsize  # row offset inside its chunk
     if cc >= c:  # one chunk across (CLAM, TRIDENT): a row is contiguous in the file
-        return fr.gather(table[rows // cr, 0] + within, c * itemsize).view(dset.dtype)
+        return fr.gather(table[chunk_row, 0] + within, c * itemsize).view(dset.dtype)
     out = np.empty((len(rows), c * itemsize), dtype=np.uint8)
     for j in range(table.shape[1]):
         width = min(cc, c - j * cc) * itemsize
-        out[:, j * cc * itemsize: j * cc * itemsize + width] = fr.gather(table[rows // cr, j] + within, width)
+        out[:, j * cc * itemsize: j * cc * itemsize + width] = fr.gather(table[chunk_row, j] + within, width)
     return out.view(dset.dtype)
 
 

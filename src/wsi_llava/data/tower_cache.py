@@ -154,14 +154,14 @@ def write_cache_file(path: str | os.PathLike, *, tokens: np.ndarray, cls_token: 
     return path
 
 
-def _read_rows(path: Path, ds: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` (sorted) of a 2-D dataset: positioned reads for contiguous storage, else h5py."""
+def _read_rows(fr: FileReader, ds: h5py.Dataset, idx: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``out[r] = ds[idx[order[r]]]`` (``idx`` sorted) of a 2-D dataset: contiguous storage is read by
+    byte address straight into output order through ``fr`` (a reader of the same file), else h5py."""
     offset = ds.id.get_offset() if ds.chunks is None else None
     if offset is not None:
         row_bytes = ds.shape[1] * ds.dtype.itemsize
-        with FileReader(str(path)) as fr:
-            return fr.gather(offset + idx.astype(np.int64) * row_bytes, row_bytes).view(ds.dtype)
-    return ds[idx]
+        return fr.gather(offset + idx[order].astype(np.int64) * row_bytes, row_bytes).view(ds.dtype)
+    return ds[idx][order]
 
 
 @dataclass
@@ -286,8 +286,9 @@ class TowerCache:
             idx = sample_indices(n, patches_per_wsi, rng)
             c = coords_all[idx]
             order = np.lexsort((c[:, 0], c[:, 1]))  # row-major, as load_slide
-            tokens = _read_rows(path, f["tokens"], idx)[order]
-            keys = _read_rows(path, f["keys"], idx)[order]
+            with FileReader(str(path)) as fr:
+                tokens = _read_rows(fr, f["tokens"], idx, order)
+                keys = _read_rows(fr, f["keys"], idx, order)
             cls_attention = np.asarray(f["cls_attention"][:], dtype=np.float32)[idx[order]]
             cls_token = np.asarray(f["cls_token"][:], dtype=np.float32)
             source = str(f.attrs.get("source_h5", ""))
