@@ -21,18 +21,22 @@ from wsi_llava.model.slide_encoder import (
 SMALL = dict(num_heads=16, slide_ngrids=64, segment_lengths=[1024, 1448, 2048, 2896, 4096])
 
 
-def reference_dir() -> Path:
-    """``shared/reference`` next to the repository clone (tests run from /X/main with /X/shared)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
-def reference(name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(reference_dir() / f"{name}.safetensors"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference"
+# committed with the tests (tests/test_self_contained.py checks they exist and are collected)
+MINI_CASES = [FIXTURES / "gigapath_mini_N300_fp32.safetensors", FIXTURES / "gigapath_mini_N1500_fp32.safetensors"]
 
 
 @pytest.fixture(scope="module")
-def small_model() -> SlideEncoder:
-    return load_slide_encoder(reference_dir() / "gigapath_small_state_dict.safetensors", **SMALL)
+def small_model(larger_reference) -> SlideEncoder:
+    """The optional larger ("small" configuration) reference encoder; skipped when absent."""
+    return load_slide_encoder(larger_reference / "gigapath_small_state_dict.safetensors", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def reference(larger_reference):
+    def load(name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(larger_reference / f"{name}.safetensors"))
+    return load
 
 
 def tiny_config(**kw) -> SlideEncoderConfig:
@@ -50,9 +54,29 @@ def close(a, b, tol=1e-4):
 
 
 # ---------------------------------------------------------------------------------------------
-# the original's reference vectors ("small" configuration)
+# the original's reference vectors: committed "mini" configuration
 # ---------------------------------------------------------------------------------------------
-def test_reproduces_reference_n300_including_internals(small_model):
+def test_mini_reference_config_is_the_documented_one(mini_reference_encoder):
+    cfg = mini_reference_encoder.config
+    assert (cfg.in_dim, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.slide_ngrids) == (96, 64, 2, 4, 64)
+    assert cfg.segment_lengths == (64, 128, 256, 512, 1024) and cfg.dilations == (1, 2, 4, 8, 16)
+
+
+@pytest.mark.parametrize("path", MINI_CASES, ids=lambda p: p.stem)
+def test_reproduces_mini_reference(mini_reference_encoder, path):
+    d = load_file(str(path))
+    assert torch.equal(position_index(d["coords"], mini_reference_encoder.config.slide_ngrids), d["pos_index"])
+    with torch.no_grad():
+        out = mini_reference_encoder(d["tile_embeds"], d["coords"])
+        close(out.tokens, d["encoder_out"])
+        close(mini_reference_encoder.embed_slide(out, "cls"), d["out_cls_default"])
+        close(mini_reference_encoder.embed_slide(out, "mean"), d["out_gap_default"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the original's reference vectors: optional larger "small" configuration (skipped when absent)
+# ---------------------------------------------------------------------------------------------
+def test_reproduces_reference_n300_including_internals(small_model, reference):
     d = reference("gigapath_small_N300_fp32")
     assert torch.equal(position_index(d["coords"], 64), d["pos_index"])
     attn = small_model.encoder.layers[0].self_attn
@@ -84,7 +108,7 @@ def test_reproduces_reference_n300_including_internals(small_model):
     close(small_model.encoder.layer_norm(out.hidden_states[-1]), out.tokens, 1e-6)
 
 
-def test_reproduces_reference_n3000_across_segments(small_model):
+def test_reproduces_reference_n3000_across_segments(small_model, reference):
     d = reference("gigapath_small_N3000_fp32")
     assert torch.equal(position_index(d["coords"], 64), d["pos_index"])
     with torch.no_grad():
