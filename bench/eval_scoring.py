@@ -1,11 +1,11 @@
 """How long `wsi-llava eval` takes on a WSI-Bench-sized prediction set, and what the CIs cost.
 
-Builds pseudo-predictions from the public WSI-Bench test questions (``shared/benchmarks/wsi-bench``;
-closed answers in assorted wordings, open answers = the reference of another item), then times
-per-item scoring once and the aggregation without CIs (baseline) and with 1000 bootstrap resamples. Prints a table and the ratio to
-the baseline measured in the same run.
+Builds pseudo-predictions from the public WSI-Bench test questions (a folder of ``*.json`` files given
+with ``--bench-dir``; closed answers in assorted wordings, open answers = the reference of another item),
+then times per-item scoring once and the aggregation without CIs (baseline) and with 1000 bootstrap
+resamples. Prints a table and the ratio to the baseline measured in the same run.
 
-    .venv/bin/python bench/eval_scoring.py [--bench-dir DIR] [--bootstrap 1000]
+    .venv/bin/python bench/eval_scoring.py --bench-dir DIR [--bootstrap 1000]
 """
 
 from __future__ import annotations
@@ -22,18 +22,22 @@ from wsi_llava.eval.extract import parse_inline_options
 from wsi_llava.eval.metrics import EvalConfig, aggregate, load_wordnet, prepare_items, score_items
 
 
-def find_bench_dir() -> str | None:
-    here = Path(__file__).resolve().parent.parent
-    for cand in (here / "shared" / "benchmarks" / "wsi-bench", here.parent / "shared" / "benchmarks" / "wsi-bench"):
-        if cand.is_dir():
-            return str(cand)
-    return None
+def bench_files(bench_dir: str) -> list[str]:
+    """The WSI-Bench question files in ``bench_dir``; exits with a clear message when there are none."""
+    if not os.path.isdir(bench_dir):
+        raise SystemExit(f"--bench-dir {bench_dir}: no such folder (give the folder holding the WSI-Bench "
+                         f"test question files, *.json)")
+    files = sorted(glob.glob(os.path.join(bench_dir, "*.json")))
+    if not files:
+        raise SystemExit(f"--bench-dir {bench_dir}: no *.json files in it (expected the WSI-Bench test "
+                         f"question files, e.g. 1_Report_test.json)")
+    return files
 
 
 def pseudo_predictions(bench_dir: str, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
-    for path in sorted(glob.glob(os.path.join(bench_dir, "*.json"))):
+    for path in bench_files(bench_dir):
         category = Path(path).stem.replace("_test", "")
         data = json.load(open(path, encoding="utf-8"))
         for item in data:
@@ -57,12 +61,11 @@ def pseudo_predictions(bench_dir: str, seed: int = 0) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench-dir", default=find_bench_dir())
+    parser.add_argument("--bench-dir", required=True,
+                        help="folder holding the public WSI-Bench test question files (*.json)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="aggregation timings: best of this many")
     args = parser.parse_args()
-    if not args.bench_dir:
-        raise SystemExit("WSI-Bench files not found; pass --bench-dir shared/benchmarks/wsi-bench")
     rows = pseudo_predictions(args.bench_dir)
     t0 = time.perf_counter()
     wordnet = load_wordnet()
