@@ -1,6 +1,6 @@
 """Manifests → validated :class:`Record` rows.
 
-Two input formats (DESIGN.md §2):
+Two input formats (``docs/architecture.md``, "Formats"):
 
 * **CSV** with required columns ``h5_path, caption, question, answer, slide_id, dataset`` and
   optional ``choices, split, case_id, category``. ``row`` is the CSV line number with the header on

@@ -1,7 +1,8 @@
 """Slide H5 files → tile features and (x, y) coordinates, sampled fast and checked.
 
-File format (DESIGN.md §2): ``features`` [N, D] float16/float32 plus ``coords_yx`` [N, 2] (y, x) or
-``coords`` [N, 2] (x, y), level-0 pixels. Coordinates always come out as **(x, y)**.
+File format (``docs/architecture.md``, "Formats"): ``features`` [N, D] float16/float32 plus
+``coords_yx`` [N, 2] (y, x) or ``coords`` [N, 2] (x, y), level-0 pixels. Coordinates always come out
+as **(x, y)**.
 
 Reading is chosen per dataset layout so that sampling ``k`` of ``N`` tiles costs about ``k`` rows of
 I/O, never ``N``:
