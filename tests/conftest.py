@@ -24,7 +24,6 @@ FIXTURE_REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 """The committed compact reference vectors (see its README.md)."""
 
 
-
 @pytest.fixture(scope="session")
 def mini_reference_encoder() -> SlideEncoder:
     """The committed "mini" GigaPath slide encoder (eval mode); its config is the weights' safetensors
