@@ -2,6 +2,11 @@
 
 Each sub-command lives in its own module that defines ``add_arguments(parser)`` and
 ``main(args) -> int``. Modules are imported lazily so ``wsi-llava --help`` stays fast.
+
+A user error (:class:`~wsi_llava.errors.WsiLlavaError`: a bad config key, a missing file, a broken
+manifest row) is printed as one ``error: …`` message on stderr and the exit code is 2; ``--debug``
+(before or after the command) re-raises it to show the traceback. Any other exception is a bug and
+always shows its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from .errors import WsiLlavaError
 
 #: name -> (module, one-line help). Add one line per command.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,19 +41,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="wsi-llava", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of a user error instead of one 'error: ...' line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = argv[0] if argv else None
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
+            # also accepted after the command; SUPPRESS keeps a --debug given before it
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the Python traceback of a user error")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).main(args) or 0)
-
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except WsiLlavaError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -21,11 +21,12 @@ from typing import Any
 import yaml
 
 from .data.prompts import DEFAULT_SYSTEM_PROMPT
+from .errors import WsiLlavaError
 
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(WsiLlavaError, ValueError):
     """An invalid configuration (names the file and key)."""
 
 

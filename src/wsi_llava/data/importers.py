@@ -32,7 +32,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..eval.extract import LETTERS, gold_letter, parse_inline_options
+from ..errors import MissingFileError
+from .choices import LETTERS, choice_letter, parse_inline_options
 from .manifest import write_manifest_csv
 
 SKIPPED_COLUMNS = ("source", "item", "slide_id", "reason", "question")
@@ -180,7 +181,7 @@ def read_wsi_bench(path: str, *, dataset: str | None = None, split: str | None =
             parsed = parse_inline_options(question)
             if parsed is not None:
                 stem, options = parsed
-                letter = gold_letter(answer, options)
+                letter = choice_letter(answer, options)
                 if letter is None:
                     skipped.append(Skipped(path, tag, slide_id, f"answer {answer!r} is not one of the options {options}", question))
                     continue
@@ -253,7 +254,7 @@ def read_slidebench(
         if len(options) < 2 or any(not o for o in options):
             skipped.append(Skipped(path, tag, slide_id, f"options must be at least two non-empty, in order: {options}", question))
             continue
-        letter = gold_letter(answer, options)
+        letter = choice_letter(answer, options)
         if letter is None:
             skipped.append(Skipped(path, tag, slide_id, f"Answer {answer!r} is not one of the options {options}", question))
             continue
@@ -310,7 +311,7 @@ class SlideIndex:
     def __init__(self, root: str | os.PathLike, suffixes: Iterable[str] = H5_SUFFIXES):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"--h5-root {self.root}: not a folder")
+            raise MissingFileError(f"--h5-root {self.root}: not a folder; give the folder holding the slide H5 files")
         suffixes = tuple(s.lower() for s in suffixes)
         self.by_stem: dict[str, list[str]] = {}
         self.by_barcode: dict[str, list[str]] = {}

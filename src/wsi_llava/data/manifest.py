@@ -22,15 +22,15 @@ import csv
 import io
 import json
 import os
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import WsiLlavaError
+from .choices import LETTERS, ChoiceError, choice_letter, match_choice  # noqa: F401 (choice_letter: re-exported)
+
 REQUIRED_COLUMNS = ("h5_path", "caption", "question", "answer", "slide_id", "dataset")
 OPTIONAL_COLUMNS = ("choices", "split", "case_id", "category")
-LETTERS = string.ascii_uppercase
 
 
 #: Manifest CSV columns in the order WSI-LLaVA writes them (required ones first).
@@ -52,7 +52,7 @@ def write_manifest_csv(path: str | os.PathLike, rows, fields: Sequence[str] = MA
     return path
 
 
-class ManifestError(ValueError):
+class ManifestError(WsiLlavaError, ValueError):
     """A manifest cannot be used; the message names the file, the row and the field."""
 
 
@@ -129,62 +129,6 @@ class Record:
 # --------------------------------------------------------------------------- multiple choice
 
 
-def _norm_text(text: str) -> str:
-    """Case-, space- and punctuation-insensitive form of an option text."""
-    text = text.casefold()
-    text = "".join(" " if (ch in string.punctuation or ch.isspace()) else ch for ch in text)
-    return " ".join(text.split())
-
-
-_LETTER_ONLY = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)?\s*[.:)]?\s*$")
-_LETTER_TEXT = re.compile(r"^\s*\(?\s*([A-Za-z])\s*(?:\)|\.|:)\s*(\S.*)$", re.S)
-
-
-def choice_letter(answer: str, choices: Sequence[str]) -> str | None:
-    """Normalise a multiple-choice answer to its option letter.
-
-    Accepts ``"B"``, ``"b"``, ``"B)"``, ``"(B)"``, ``"B."``, ``"B. text"`` / ``"B) text"`` and the
-    option text itself (case/space/punctuation-insensitive). Returns None when nothing matches or the
-    answer is ambiguous (two options with the same text; a letter whose trailing text names a
-    *different* option). An answer equal to an option's text wins over a letter reading, so an
-    option literally called ``"b"`` is matched as text.
-    """
-    if not choices or answer is None:
-        return None
-    n = min(len(choices), len(LETTERS))
-    norm_choices = [_norm_text(str(c)) for c in choices[:n]]
-    norm_answer = _norm_text(answer)
-
-    def by_text(text: str) -> str | None:
-        hits = [i for i, c in enumerate(norm_choices) if c and c == text]
-        return LETTERS[hits[0]] if len(hits) == 1 else None
-
-    def ambiguous_text(text: str) -> bool:
-        return sum(1 for c in norm_choices if c and c == text) > 1
-
-    if norm_answer:
-        hit = by_text(norm_answer)
-        if hit is not None:
-            return hit
-        if ambiguous_text(norm_answer):
-            return None
-    m = _LETTER_ONLY.match(answer)
-    if m:
-        letter = m.group(1).upper()
-        return letter if LETTERS.index(letter) < n else None
-    m = _LETTER_TEXT.match(answer)
-    if m:
-        letter = m.group(1).upper()
-        if LETTERS.index(letter) >= n:
-            return None
-        rest = _norm_text(m.group(2))
-        named = by_text(rest)
-        if named is None and not ambiguous_text(rest):
-            return letter  # explicit letter, free text after it
-        return letter if named == letter else None
-    return None
-
-
 def option_lines(choices: Sequence[str]) -> str:
     """``"A) first\\nB) second\\n…"`` — the option block shown in multiple-choice prompts."""
     if len(choices) > len(LETTERS):
@@ -252,9 +196,12 @@ def record_problems(rec: Record) -> list[tuple[str, str]]:
     if rec.choices:
         if not rec.question:
             out.append(("question", "choices given without a question"))
-        elif rec.answer and choice_letter(rec.answer, rec.choices) is None:
-            opts = ", ".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(rec.choices))
-            out.append(("answer", f"{rec.answer!r} is not among the choices ({opts})"))
+        elif rec.answer:
+            try:
+                match_choice(rec.answer, rec.choices)
+            except ChoiceError as e:
+                opts = ", ".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(rec.choices))
+                out.append(("answer", f"{rec.answer!r} is not among the choices ({opts}): {e}"))
     return out
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .manifest import Record, choice_letter, option_lines
+from ..errors import WsiLlavaError
+from .choices import ChoiceError, match_choice
+from .manifest import Record, option_lines
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
@@ -27,7 +29,7 @@ REPORT_PROMPTS = (
 MC_INSTRUCTION = "Answer with the letter of the correct option."
 
 
-class PromptError(ValueError):
+class PromptError(WsiLlavaError, ValueError):
     """A row cannot be turned into a training example (names the manifest, row and field)."""
 
 
@@ -45,9 +47,11 @@ def record_turn(record: Record, report_prompts: tuple[str, ...] = REPORT_PROMPTS
     """
     where = f"{record.source}, row {record.row}"
     if record.kind == "mc":
-        letter = choice_letter(record.answer, record.choices)
-        if letter is None:
-            raise PromptError(f"{where}: field 'answer': {record.answer!r} is not one of the choices {list(record.choices)}")
+        try:
+            letter = match_choice(record.answer, record.choices)
+        except ChoiceError as e:
+            raise PromptError(f"{where}: field 'answer': {record.answer!r} gives no single option: {e} "
+                              f"(choices {list(record.choices)})") from None
         user = f"{record.question.strip()}\n{option_lines(record.choices)}\n{MC_INSTRUCTION}"
         return user, letter, record.question.strip()
     if record.kind == "vqa":

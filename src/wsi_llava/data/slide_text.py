@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import WsiLlavaError
 from .collate import pad_tiles
 from .manifest import Record
 from .slides import load_slide
@@ -22,7 +23,7 @@ from .slides import load_slide
 POSITIVE_MODES = ("pair", "case")
 
 
-class PairError(ValueError):
+class PairError(WsiLlavaError, ValueError):
     """The records cannot be turned into stage-1 pairs (names file and rows)."""
 
 

@@ -40,6 +40,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
+from ..errors import WsiLlavaError
 from .h5layout import FileReader
 from .slides import Slide, read_slide_meta, sample_indices
 
@@ -53,7 +54,7 @@ CACHED_KEYS = ("cls_token", "cls_attention", "keys")
 _SAFE_CHARS = "-_.+=@~,"
 
 
-class TowerCacheError(ValueError):
+class TowerCacheError(WsiLlavaError, ValueError):
     """A tower-cache file is missing, unreadable or made by another tower; the message names the file."""
 
 

@@ -16,15 +16,20 @@ guess. The cascade in :func:`extract_choice` is, in order, the first rule that a
 5. bracketed letters anywhere (``"… (C)"``), then standalone capital letters (``"Both A and C"`` → two
    → ``None``); ``"A"``/``"I"`` followed by an ordinary word are read as the article/pronoun, and a
    letter right after ``not``/``except``/``rather than`` is skipped.
+
+Gold answers are not read here: the gold letter of a row comes from
+:func:`wsi_llava.data.choices.match_choice`, the rule the training target uses too.
 """
 
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from ..data.choices import LEADING_MARKER as _LEADING_MARKER
+from ..data.choices import LETTERS, normalize_text, option_texts, parse_inline_options  # noqa: F401 (re-exported)
+from ..data.choices import clean_text as _clean
+from ..data.choices import fold_text as _light
 
 #: Words after which a capital ``A``/``I`` is still read as an option letter ("A and C", "A is right").
 _LETTER_FOLLOWERS = frozenset(
@@ -43,46 +48,8 @@ _CUE = re.compile(
     r"((?:\s*(?:,|/|&|\bor\b|\band\b)\s*[\(\[]?(?-i:[A-Z])(?=$|[^\w'\-]))*)",
     re.IGNORECASE,
 )
-_LEADING_MARKER = re.compile(r"[\(\[]?([A-Za-z])\s*[\)\]\.:](?=\s|$)")
 _BRACKETED = re.compile(r"(?:^|(?<=[\s\(\[]))\(?([A-Z])\)|\[([A-Z])\]")
 _BARE = re.compile(r"(?<![\w'\-])([A-Z])(?![\w'\-])")
-
-
-def _clean(text: str | None) -> str:
-    """Unicode-normalise, drop markdown emphasis/backticks and collapse whitespace."""
-    if text is None:
-        return ""
-    t = unicodedata.normalize("NFKC", str(text))
-    t = t.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-    t = re.sub(r"[*_`#]+", " ", t)
-    return re.sub(r"\s+", " ", t).strip()
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, punctuation → space, whitespace collapsed (for option-text matching)."""
-    t = _clean(text).lower()
-    t = re.sub(r"[^\w]+", " ", t)
-    return re.sub(r"\s+", " ", t).strip()
-
-
-def _strip_own_marker(option: str, index: int) -> str:
-    """``"B) Carcinoma"`` given as option 1 → ``"Carcinoma"`` (options sometimes carry their letter)."""
-    m = re.match(r"\s*\(?([A-Za-z])[\)\.:]\s+", option)
-    if m and m.group(1).upper() == LETTERS[index]:
-        return option[m.end():]
-    return option
-
-
-def option_texts(choices: Sequence[str]) -> list[str]:
-    """Options as plain text, without a leading ``"A) "`` that matches their own position."""
-    if len(choices) > len(LETTERS):
-        raise ValueError(f"at most {len(LETTERS)} options are supported, got {len(choices)}")
-    return [_strip_own_marker(str(c), i) for i, c in enumerate(choices)]
-
-
-def _light(text: str) -> str:
-    """Lowercase, whitespace collapsed, symbols kept ("HPV+" and "HPV-" stay different)."""
-    return _clean(text).lower()
 
 
 def _find_spans(hay: str, needle: str) -> list[tuple[int, int]]:
@@ -249,62 +216,3 @@ def yes_no_label(reference: str | None) -> str | None:
     """``"yes"``/``"no"`` if a gold answer is exactly Yes/No (any case, trailing punctuation), else ``None``."""
     t = normalize_text(reference or "")
     return t if t in ("yes", "no") else None
-
-
-def gold_letter(reference: str | None, choices: Sequence[str]) -> str | None:
-    """Normalise a gold multiple-choice answer to its letter: ``"B"``, ``"b)"``, ``'B "'``, or the option
-    text itself; ``None`` if it is neither."""
-    opts = option_texts(choices)
-    valid = LETTERS[: len(opts)]
-    t = _clean(reference)
-    m = re.fullmatch(r"[\W_]*([A-Za-z])[\W_]*", t)
-    if m:
-        letter = m.group(1).upper()
-        return letter if letter in valid else None
-    lead = _LEADING_MARKER.match(t)
-    if lead and lead.group(1).upper() in valid:
-        letter = lead.group(1).upper()
-        rest = normalize_text(t[lead.end():])
-        if not rest or rest == normalize_text(opts[LETTERS.index(letter)]):
-            return letter
-        return None
-    for norm in (_light, normalize_text):
-        target = norm(t).strip(" .;,")
-        hits = [LETTERS[i] for i, o in enumerate(opts) if target and norm(o).strip(" .;,") == target]
-        if hits:
-            return hits[0] if len(hits) == 1 else None
-    return None
-
-
-_INLINE_MARKER = "(?:^|(?<=\\s))\\(?{letter}\\)\\s*"
-
-
-def parse_inline_options(text: str) -> tuple[str, list[str]] | None:
-    """Split a question with inline options into ``(stem, options)``.
-
-    ``"Which type? A) Adenocarcinoma B) Squamous C) Small cell"`` →
-    ``("Which type?", ["Adenocarcinoma", "Squamous", "Small cell"])``. Markers are ``A)`` or ``(A)``
-    after whitespace (or at the start), in order A, B, C, …; at least two are needed, else ``None``.
-    The last option ends at the first line break (anything after it is an instruction, not an option).
-    """
-    positions: list[tuple[int, int]] = []
-    pos = 0
-    for letter in LETTERS:
-        m = re.compile(_INLINE_MARKER.format(letter=letter)).search(text, pos)
-        if not m:
-            break
-        positions.append((m.start(), m.end()))
-        pos = m.end()
-    if len(positions) < 2:
-        return None
-    stem = text[: positions[0][0]].strip()
-    options = []
-    for i, (_, end) in enumerate(positions):
-        stop = positions[i + 1][0] if i + 1 < len(positions) else len(text)
-        opt = text[end:stop]
-        if i + 1 == len(positions):
-            opt = opt.split("\n", 1)[0]
-        options.append(re.sub(r"\s+", " ", opt).strip())
-    if any(not o for o in options):
-        return None
-    return stem, options

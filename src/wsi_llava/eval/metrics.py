@@ -45,7 +45,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .extract import extract_choice, extract_yes_no, gold_letter, option_texts, parse_inline_options, yes_no_label
+from ..data.choices import ChoiceError, match_choice
+from ..errors import WsiLlavaError
+from .extract import extract_choice, extract_yes_no, option_texts, parse_inline_options, yes_no_label
 
 KINDS = ("mc", "vqa", "report")
 HEADLINE = (
@@ -60,7 +62,7 @@ COUNT_OF = {
 MAX_BLEU_ORDER = 4
 
 
-class EvalInputError(ValueError):
+class EvalInputError(WsiLlavaError, ValueError):
     """A prediction row cannot be scored (the message names the source, line/row and field)."""
 
 
@@ -165,12 +167,12 @@ def prepare_items(rows: Sequence[Mapping], source: str = "predictions") -> list[
                 choices = tuple(parsed[1])
             if len(choices) < 2:
                 raise EvalInputError(f"{where}: field 'choices' needs at least two options, got {list(choices)}")
-            gold = gold_letter(reference, choices)
-            if gold is None:
+            try:
+                gold = match_choice(reference, choices)
+            except ChoiceError as e:
                 raise EvalInputError(
-                    f"{where}: field 'reference': {reference!r} is neither an option letter nor an option's text "
-                    f"(options {list(choices)})"
-                )
+                    f"{where}: field 'reference': {reference!r} gives no single option: {e} (options {list(choices)})"
+                ) from None
             scoring, reference = "mc", gold
         elif kind == "vqa" and yes_no_label(reference) is not None:
             scoring, reference = "yes_no", yes_no_label(reference)

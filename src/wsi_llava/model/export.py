@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError
 from .slide_encoder import SlideEncoder, SlideEncoderConfig, load_slide_encoder
 
 #: Key prefixes under which trained models hold the slide encoder (stage 1, stage 2/3).
@@ -41,7 +42,8 @@ def _weight_files(path: Path) -> list[Path]:
             raise ValueError(f"{path}: not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"slide encoder weights {path} do not exist; give a weights file "
+                               f"({', '.join(WEIGHT_SUFFIXES)}) or a saved model folder")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -49,7 +51,7 @@ def _weight_files(path: Path) -> list[Path]:
     for name in ("model.safetensors", "pytorch_model.bin", "tower.safetensors"):
         if (path / name).is_file():
             return [path / name]
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in it")
+    raise MissingFileError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in it")
 
 
 def _tower_prefix(keys, where: str) -> str:

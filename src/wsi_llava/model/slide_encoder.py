@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import MissingFileError
 from .dilated_attention import dilated_attention
 
 __all__ = [
@@ -437,7 +438,7 @@ def _read_state_dict(source) -> dict[str, torch.Tensor]:
         path = Path(os.fspath(source))
         where = str(path)
         if not path.is_file():
-            raise FileNotFoundError(f"slide encoder weights not found: {path}")
+            raise MissingFileError(f"slide encoder weights not found: {path}; check the path")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import MissingFileError
+
 
 class TextTower(nn.Module):
     """A Hugging Face base model + masked mean pooling."""
@@ -51,14 +53,14 @@ class TextTower(nn.Module):
 def load_text_tower(path: str | Path) -> tuple[TextTower, object]:
     """``(TextTower, tokenizer)`` from a local folder holding a Hugging Face model and its tokenizer.
 
-    Raises ``FileNotFoundError`` naming the folder when it does not exist (no model hub is used).
+    Raises :class:`~wsi_llava.errors.MissingFileError` (a ``FileNotFoundError``) naming the folder when it does not exist (no model hub is used).
     """
     from transformers import AutoModel, AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"text_model_name_or_path {str(path)!r} is not a folder; give a local folder with a "
-                                "Hugging Face text model and its tokenizer (no model hub is used)")
+        raise MissingFileError(f"text_model_name_or_path {str(path)!r} is not a folder; give a local folder with a "
+                               "Hugging Face text model and its tokenizer (no model hub is used)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, dtype=torch.float32)
     return TextTower(model), tokenizer

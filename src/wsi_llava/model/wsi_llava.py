@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import CONFIG_MAPPING
 
+from ..errors import MissingFileError
 from .projector import Projector
 from .select import SELECTORS, Selection, SelectOptions
 from .towers import build_tower
@@ -333,7 +334,7 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         path = Path(llm_name_or_path)
         if not path.exists():
-            raise FileNotFoundError(f"llm_name_or_path {str(path)!r} does not exist; give a local folder with a "
+            raise MissingFileError(f"llm_name_or_path {str(path)!r} does not exist; give a local folder with a "
                                     "Hugging Face causal LM (no model hub is used)")
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         prepare_tokenizer(tokenizer)
@@ -361,7 +362,8 @@ def load_wsi_llava(path: str | Path, dtype: torch.dtype | None = None):
     """Load a saved WSI-LLaVA folder → ``(model, tokenizer)`` (model in eval mode)."""
     path = Path(path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a saved WSI-LLaVA model (no config.json)")
+        raise MissingFileError(f"{path} is not a saved WSI-LLaVA model (no config.json); give the output_dir "
+                               "of a training run")
     model = WsiLlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()

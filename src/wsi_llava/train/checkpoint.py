@@ -40,6 +40,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
+from ..errors import WsiLlavaError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "checkpoint.json"
@@ -56,7 +58,7 @@ _CHECKPOINT_RE = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
 _HASH_CHUNK = 4 * 2**20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(WsiLlavaError, RuntimeError):
     """A checkpoint that cannot be written or used; the message names the folder and the reason."""
 
 

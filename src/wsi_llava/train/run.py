@@ -41,8 +41,11 @@ def resolve_datasets(spec: str, cfg: TrainConfig) -> list[Path]:
             names = sorted(set(info) | {p.stem for p in dataset_dir.glob("*") if p.suffix in MANIFEST_SUFFIXES}) \
                 if dataset_dir.is_dir() else []
             close = difflib.get_close_matches(name, names, n=1)
-            raise ConfigError(f"{cfg.source}: dataset {name!r} not found (looked at {', '.join(map(str, tried))})"
-                              + (f"; did you mean {close[0]!r}?" if close else ""))
+            raise ConfigError(f"{cfg.source}: dataset {name!r} not found (looked at "
+                              f"{', '.join(map(str, dict.fromkeys(tried)))}). "
+                              + (f"Did you mean {close[0]!r}? " if close else "")
+                              + "Give a manifest path (.csv, .json or .jsonl; relative paths start at the working "
+                                "directory) or a name from dataset_dir/dataset_info.json")
         out.append(found)
     return out
 

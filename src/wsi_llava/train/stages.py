@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import FinetuningArguments, ModelArguments
+from ..errors import MissingFileError
 from ..model.wsi_llava import WsiLlavaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def load_projector(model: WsiLlavaForConditionalGeneration, path: str | Path) ->
     logit must mean the same gamma in every stage); a difference is logged."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"projector_path {path} does not exist")
+        raise MissingFileError(f"projector_path {path} does not exist; point it at the projector.safetensors a "
+                               "stage-2 run wrote into its output_dir, or remove the key to start from a new projector")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("wsi_llava_projector", "{}"))
