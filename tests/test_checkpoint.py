@@ -137,7 +137,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tiny_llm, cohort, tmp_p
     run = tmp_path / "run"
     cfg = train_cfg(tiny_llm, cohort, run, max_steps=4)
     with pytest.raises(CheckpointError) as info:
-        cli(["train", str(write_cfg(tmp_path / "c.yaml", cfg))])
+        cli(["--debug", "train", str(write_cfg(tmp_path / "c.yaml", cfg))])
     msg = str(info.value)
     assert "step 4" in msg and "disk full" in msg
     assert str(run / ck.STAGING_DIR / "checkpoint-4") in msg

@@ -413,7 +413,7 @@ def test_embed_cli_one_vector_per_slide(cohort, tmp_path, capsys):
     bad.write_text("\n".join([lines[0], lines[1].replace("slides/", root + "slides/", 1),
                               lines[2].replace("slides/", root + "nope/", 1)]) + "\n")
     with pytest.raises(ValueError, match=r"bad.csv line 3 \[h5_path\].*nope"):
-        cli(["embed", "--vision-tower", str(tmp_path / "tower.safetensors"), "--data", str(bad),
+        cli(["--debug", "embed", "--vision-tower", str(tmp_path / "tower.safetensors"), "--data", str(bad),
              "--out", str(tmp_path / "bad.h5"), "--no-progress"])
     assert not (tmp_path / "bad.h5").exists() and not list(tmp_path.glob(".*.tmp"))
 

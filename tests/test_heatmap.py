@@ -189,4 +189,4 @@ def test_repeated_indices_and_overlapping_tiles(tmp_path):
 def test_missing_slide_names_the_file(prumerge_model, tmp_path):
     missing = tmp_path / "nope.h5"
     with pytest.raises(Exception, match="nope.h5"):
-        cli(["heatmap", "--model", str(prumerge_model), "--slide", str(missing), "--out", str(tmp_path / "m.png")])
+        cli(["--debug", "heatmap", "--model", str(prumerge_model), "--slide", str(missing), "--out", str(tmp_path / "m.png")])

@@ -349,7 +349,7 @@ def test_stage2_refuses_a_cache_of_another_select_layer(tiny_llm, tower, cohort,
                dataset=str(cohort.train_csv), patches_per_wsi=128, cutoff_len=512, stage="sft", finetuning_type="full",
                output_dir=str(tmp_path / "run"), max_steps=1, report_to="none", dataloader_num_workers=0)
     with pytest.raises(TowerCacheError, match=r"select layer -1 but the model uses mm_vision_select_layer 1"):
-        cli(["train", str(write_config(tmp_path / "c.yaml", **cfg))])
+        cli(["--debug", "train", str(write_config(tmp_path / "c.yaml", **cfg))])
 
 
 def test_predict_with_cache_matches_predict_with_tower(stage2_runs, cohort, cache_dir, tmp_path):
@@ -383,6 +383,6 @@ def test_chat_with_cache_answers_like_chat_with_tower(stage2_runs, cohort, cache
     assert cli(base + ["--tower-cache", str(cache_dir), "--slide-id", rec.slide_id]) == 0
     assert capsys.readouterr().out == with_tower  # same answer, same tiles
     with pytest.raises(TowerCacheError, match="no-such-slide"):
-        cli(base + ["--tower-cache", str(cache_dir), "--slide-id", "no-such-slide"])
+        cli(["--debug", *base, "--tower-cache", str(cache_dir), "--slide-id", "no-such-slide"])
     with pytest.raises(SystemExit, match="only applies with --tower-cache"):
         cli(base + ["--slide-id", rec.slide_id])

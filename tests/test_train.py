@@ -118,7 +118,7 @@ def test_invalid_data_is_refused_or_skipped(tiny_llm, cohort, tmp_path):
     cfg = base_cfg(tiny_llm, cohort, tmp_path / "run", dataset=str(bad), eval_dataset=None,
                    finetuning_type="full", max_steps=1, eval_strategy="no")
     with pytest.raises(ValueError, match="bad.csv.*line 6"):
-        cli(["train", str(write_config(tmp_path / "c.yaml", **cfg))])
+        cli(["--debug", "train", str(write_config(tmp_path / "c.yaml", **cfg))])
     cfg["skip_invalid"] = True
     assert cli(["train", str(write_config(tmp_path / "c.yaml", **cfg))]) == 0
     skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
