@@ -68,6 +68,8 @@ class Item:
     """Input file."""
     item: str
     """Position in the input: JSON item index (+ turn) or CSV line."""
+    group: str = ""
+    """Benchmark group where the input has one (SlideBench: ``Broad Category``); not a manifest column."""
 
 
 @dataclass
@@ -217,7 +219,7 @@ def read_slidebench(
         except StopIteration:
             raise ValueError(f"{path}: empty file") from None
         rows = list(reader)
-    cols = {name: _column(header, name) for name in ("Slide", "Question", "Answer", "Tumor")}
+    cols = {name: _column(header, name) for name in ("Slide", "Question", "Answer", "Tumor", "Broad Category")}
     missing = [n for n in ("Slide", "Question", "Answer") if cols[n] is None]
     if missing:
         raise ValueError(f"{path}: required column(s) {missing} missing (header: {header})")
@@ -263,7 +265,7 @@ def read_slidebench(
         items.append(Item(
             slide_id=slide_id, question=question, answer=letter, caption="", choices=options, dataset=ds,
             split=split or "test", case_id=tcga_case(slide_id) or (slide_id if not tumor else ""),
-            category=get(cat_idx), source=path, item=tag,
+            category=get(cat_idx), source=path, item=tag, group=get(cols["Broad Category"]),
         ))
     return items, skipped
 

@@ -28,7 +28,14 @@ Metric definitions (all reported on a 0–1 scale):
   gamma 0.5) on lowercased word/punctuation tokens, with WordNet synonyms when WordNet is available
   offline (see :func:`load_wordnet`); ``meteor_synonyms`` says whether it was.
 * CIs — percentile bootstrap (default 1000 resamples, 95 %) over items, seeded; corpus BLEU is
-  recomputed on each resample.
+  recomputed on each resample. Accuracies also get exact intervals (``*_wilson``,
+  ``*_clopper_pearson``; :mod:`wsi_llava.eval.stats`).
+* ``binary_text_accuracy`` — open items whose question is yes/no (or "good or poor") and whose gold
+  answer states it in a sentence (:mod:`wsi_llava.eval.polar`): the share whose prediction states the
+  same label; gold answers that cannot be read are left out and counted (``n_binary_text_gold_unparsed``),
+  predictions that cannot be read count wrong and are counted (``n_binary_text_unparsed``).
+* ``baselines`` — the blind baselines of the same questions and the model's margin over the best
+  one (:mod:`wsi_llava.eval.baselines`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import numpy as np
 from ..data.choices import ChoiceError, match_choice
 from ..errors import WsiLlavaError
 from .extract import extract_choice, extract_yes_no, option_texts, parse_inline_options, yes_no_label
+from .stats import proportion_intervals
 
 KINDS = ("mc", "vqa", "report")
 HEADLINE = (
@@ -101,8 +109,9 @@ class EvalConfig:
     """Lowercase before BLEU (sacrebleu ``lowercase``); case is kept by default, as sacrebleu does."""
     wordnet_dir: str | None = None
     """A Princeton WordNet 3.0 database directory for METEOR synonyms; None = search (see load_wordnet)."""
-    groups: tuple[str, ...] = field(default=("category", "dataset"))
-    """Row fields to break the metrics down by (a ``by_<field>`` entry each, when any row has one)."""
+    groups: tuple[str, ...] = field(default=("category", "dataset", "group"))
+    """Row fields to break the metrics down by (a ``by_<field>`` entry each, when any row has one);
+    ``group`` is the benchmark group of the category (WSI-Bench morphology / diagnosis / treatment)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +214,12 @@ def closed_answer(item: Item) -> str | None:
     if item.kind == "mc":
         return extract_choice(item.prediction, item.choices or ())
     if item.kind == "yes_no":
-        return extract_yes_no(item.prediction)
+        label = extract_yes_no(item.prediction)
+        if label is None:  # "The prognosis is generally poor." to "is the prognosis poor?"
+            from .polar import binary_label
+
+            label = binary_label(item.question, item.prediction)
+        return label if label in ("yes", "no") else None
     raise ValueError(f"item {item.key!r} is open-ended, not closed")
 
 
@@ -473,6 +487,9 @@ class ItemScores:
     """[n, 10] BLEU statistics (zeros for closed items)."""
     open_scores: dict[str, np.ndarray]
     """rouge_1, rouge_2, rouge_l, meteor: [n] each."""
+    binary: list[tuple[str | None, str | None] | None] = field(default_factory=list)
+    """Open items with a yes/no (or "X or Y") question: (label of the gold answer, label of the
+    prediction), None where unreadable; None for other items."""
 
 
 def score_items(items: Sequence[Item], config: EvalConfig, wordnet: WordNet | None = None) -> ItemScores:
@@ -494,7 +511,20 @@ def score_items(items: Sequence[Item], config: EvalConfig, wordnet: WordNet | No
         for name, values in rouge_scores(hyps, refs).items():
             open_scores[name][open_idx] = values
         open_scores["meteor"][open_idx] = meteor_scores(hyps, refs, wordnet)
-    return ItemScores(correct, parsed, bleu, open_scores)
+    return ItemScores(correct, parsed, bleu, open_scores, binary_scores(items))
+
+
+def binary_scores(items: Sequence[Item]) -> list[tuple[str | None, str | None] | None]:
+    """Per item: (gold label, predicted label) for open items whose question is binary, else None."""
+    from .polar import binary_label, question_form
+
+    out: list[tuple[str | None, str | None] | None] = []
+    for it in items:
+        if it.kind == "open" and question_form(it.question) is not None:
+            out.append((binary_label(it.question, it.reference), binary_label(it.question, it.prediction)))
+        else:
+            out.append(None)
+    return out
 
 
 def summarise(
@@ -515,10 +545,14 @@ def summarise(
         out[COUNT_OF[name]] = int(len(sel))
         if len(sel):
             out[name], out[f"{name}_ci"] = mean_with_ci(scores.correct[sel], config, rng(name))
+            exact = proportion_intervals(scores.correct[sel], config.confidence)
+            out[f"{name}_wilson"], out[f"{name}_clopper_pearson"] = exact["wilson"], exact["clopper_pearson"]
         else:
             out[name], out[f"{name}_ci"] = None, None
+            out[f"{name}_wilson"], out[f"{name}_clopper_pearson"] = None, None
     closed_sel = idx[kinds != "open"]
     out["n_unparsed"] = int(sum(scores.parsed[i] is None for i in closed_sel))
+    out.update(_binary_summary([scores.binary[i] for i in idx] if scores.binary else [], config))
 
     open_sel = idx[kinds == "open"]
     out["n_open"] = int(len(open_sel))
@@ -529,6 +563,23 @@ def summarise(
     else:
         for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "meteor"):
             out[name], out[f"{name}_ci"] = None, None
+    return out
+
+
+def _binary_summary(pairs: Sequence[tuple[str | None, str | None] | None], config: EvalConfig) -> dict[str, object]:
+    """``binary_text_accuracy`` and its counts over (gold label, predicted label) pairs."""
+    pairs = [p for p in pairs if p is not None]
+    scored = [p for p in pairs if p[0] is not None]
+    out: dict[str, object] = {
+        "n_binary_text": len(scored), "n_binary_text_gold_unparsed": len(pairs) - len(scored),
+        "n_binary_text_unparsed": sum(p[1] is None for p in scored),
+    }
+    if scored:
+        right = np.array([float(g == p) for g, p in scored])
+        out["binary_text_accuracy"] = float(right.mean())
+        out["binary_text_accuracy_wilson"] = proportion_intervals(right, config.confidence)["wilson"]
+    else:
+        out["binary_text_accuracy"], out["binary_text_accuracy_wilson"] = None, None
     return out
 
 
@@ -548,20 +599,27 @@ def _unparsed_entries(items: Sequence[Item], scores: ItemScores) -> list[dict[st
 
 def evaluate_items(items: Sequence[Item], config: EvalConfig | None = None) -> dict[str, object]:
     """Metrics for validated items: headline numbers with CIs, breakdowns, unparsed list, settings."""
+    return evaluate_items_with_scores(items, config)[0]
+
+
+def evaluate_items_with_scores(items: Sequence[Item], config: EvalConfig | None = None) -> tuple[dict[str, object], ItemScores]:
+    """:func:`evaluate_items` and the per-item scores (for paired tests between runs)."""
     config = config or EvalConfig()
     wordnet = load_wordnet(config.wordnet_dir)
     scores = score_items(items, config, wordnet if any(it.kind == "open" for it in items) else None)
     result = aggregate(items, scores, config)
     result["meteor_synonyms"] = wordnet.available
     result["settings"] = settings_dict(config, wordnet)
-    return result
+    return result, scores
 
 
 def aggregate(items: Sequence[Item], scores: ItemScores, config: EvalConfig) -> dict[str, object]:
     """Overall and per-group numbers with CIs, plus the unparsed list, from per-item scores."""
+    from .baselines import baselines_with_model, group_of
+
     result: dict[str, object] = summarise(items, scores, range(len(items)), config, "__all__")
     for group in config.groups:
-        labels = [getattr(it, group) for it in items]
+        labels = [group_of(it.category) if group == "group" else getattr(it, group) for it in items]
         if not any(label is not None for label in labels):
             continue
         members: dict[str, list[int]] = {}
@@ -571,6 +629,9 @@ def aggregate(items: Sequence[Item], scores: ItemScores, config: EvalConfig) -> 
             name: summarise(items, scores, members[name], config, f"{group}={name}") for name in sorted(members)
         }
     result["unparsed"] = _unparsed_entries(items, scores)
+    if any(it.kind != "open" for it in items) or any(b is not None for b in scores.binary):
+        result["baselines"] = baselines_with_model(items, scores.correct, bootstrap=config.bootstrap,
+                                                   confidence=config.confidence, seed=config.seed)
     return result
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..data.manifest import Record, choice_letter, load_manifest
 from ..data.prompts import record_turn
 from ..data.slides import SlideError
+from ..data.subset import add_subset_arguments, select
 from .engine import GenerationSettings, SlideAssistant, zeros_like_slide
 
 ABLATIONS = ("none", "zero", "shuffle")
@@ -146,13 +147,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablate", choices=ABLATIONS, default="none",
                         help="image-reliance check: zeroed features, or features of another slide")
     parser.add_argument("--explain", action="store_true", help="record the selected tiles and scores per answer")
+    add_subset_arguments(parser)
     parser.add_argument("--tower-cache", help="folder from `wsi-llava encode` (the model's tower): read cached tower "
                                               "outputs by slide_id instead of running the tower")
 
 
 def main(args: argparse.Namespace) -> int:
     assistant = SlideAssistant.from_pretrained(args.model, tower_cache=getattr(args, "tower_cache", None))
-    records = load_manifest(args.data, split=args.split)
+    records = select(load_manifest(args.data, split=args.split), getattr(args, "category", None), getattr(args, "limit", None))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     counts = predict(assistant, records, Path(args.out), args.batch_size, settings, args.ablate, args.explain)
     print(f"{counts['done']} answered, {counts['skipped']} already done, {counts['errors']} unreadable "
