@@ -264,7 +264,7 @@ def test_unwritten_contiguous_and_trident_chunks(tmp_path):
     with h5py.File(p2, "w") as f:
         d = f.create_dataset("features", shape=(2000, D), chunks=(1, D), dtype="f4")
         d[:10] = 1.0
-        f.create_dataset("coords", data=np.zeros((2000, 2), np.int64))
+        f.create_dataset("coords", data=np.arange(4000, dtype=np.int64).reshape(2000, 2))  # distinct tiles
     with pytest.raises(SlideError, match=r"never written \(rows \d+–\d+"):
         load_slide(p2, 20, np.random.default_rng(0))  # per-chunk path
 

@@ -3,8 +3,10 @@
 ``features`` becomes a contiguous float32 dataset (float16 with ``--float16``, or when the input
 already is float16; float64 input is narrowed to float32), the coordinate dataset is kept under its
 name, values and dtype but stored contiguously, and every other object and attribute is copied
-unchanged. Rows keep their order. Every tile and coordinate is checked on the way (NaN/Inf,
-negative or huge coordinates, …): a bad file is reported and not written.
+unchanged (soft and external links as links, never followed). Rows keep their order. The input gets
+the full check ``validate`` runs (:func:`~wsi_llava.data.slides.scan_slide`'s: layout, every chunk
+present, every tile and coordinate; see docs/data.md): a file ``validate`` refuses is reported and not
+written, so a half-written input is never laundered into a complete-looking contiguous file.
 
 Each output is written to a temporary file in the output folder, flushed and fsynced, then renamed
 into place, so an interrupted run never leaves a partial ``.h5`` under the final name. Existing
@@ -22,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .slides import FEATURES_KEY, SlideError, _datasets, _iter_blocks, _open, describe_layout
+from .slides import FEATURES_KEY, SlideError, _corrupt_as_slide_error, _datasets, _iter_blocks, _open, describe_layout
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ def convert_file(
     tmp = os.path.join(out_dir, f".{os.path.basename(dst)}.tmp{os.getpid()}")
     try:
         with _open(src) as fin:
-            feats_ds, coords_ds, coords_key, _ = _datasets(fin, src, allow_float64=True)
+            with _corrupt_as_slide_error(src):
+                feats_ds, coords_ds, coords_key, _ = _datasets(fin, src, allow_float64=True)
             n, d = feats_ds.shape
             out_dtype = np.float16 if (float16 or feats_ds.dtype == np.float16) else np.float32
             before = f"{describe_layout(feats_ds)} {feats_ds.dtype}"
@@ -64,7 +67,7 @@ def convert_file(
                     fout.attrs[key] = value
                 for name in fin:
                     if name not in (FEATURES_KEY, coords_key):
-                        fin.copy(fin[name], fout, name=name)
+                        _copy_link(fin, fout, name)
                 fo = fout.create_dataset(FEATURES_KEY, shape=(n, d), dtype=out_dtype)
                 co = fout.create_dataset(coords_key, shape=coords_ds.shape, dtype=coords_ds.dtype)
                 for key, value in feats_ds.attrs.items():
@@ -92,6 +95,16 @@ def convert_file(
             os.remove(tmp)
         raise
     return f"{before} → contiguous {np.dtype(out_dtype).name} (N={n}, D={d})"
+
+
+def _copy_link(fin: h5py.File, fout: h5py.File, name: str) -> None:
+    """Copy one other top-level object; soft and external links are copied as links, never followed
+    (an external link may point anywhere, a FIFO included)."""
+    link = fin.get(name, getlink=True)
+    if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+        fout[name] = link
+    else:
+        fin.copy(fin[name], fout, name=name)
 
 
 def _fsync_dir(folder: str) -> None:

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["FileReader", "chunk_table"]
+__all__ = ["FileReader", "chunk_table", "uses_btree_v1"]
 
 _OH_LAYOUT, _OH_CONTINUATION = 0x0008, 0x0010
 _MAX_TREE_DEPTH = 64
@@ -169,6 +169,22 @@ def chunk_table(f: h5py.File, name: str, dset: h5py.Dataset, fr: FileReader) -> 
         return _walk_tree(fr, base, root, dset.shape, dset.chunks, itemsize)
     except (ValueError, TypeError, struct.error, IndexError, OverflowError, KeyError):
         return None  # malformed or unexpected bytes: let HDF5 answer
+
+
+def uses_btree_v1(f: h5py.File, name: str, fr: FileReader) -> bool:
+    """Whether ``f[name]`` (linked from the root group) is chunked with a version-1 B-tree index, the
+    index :func:`chunk_table` parses. When it does and :func:`chunk_table` still declined, the tree
+    broke one of the format's invariants: HDF5's own lookups may then miss chunks its walk lists (and
+    read them as fill values), so the caller reads chunk by chunk through HDF5's lookup instead."""
+    try:
+        if tuple(f.id.get_create_plist().get_sizes()) != (8, 8):
+            return False
+        link = f.id.links.get_info(name.encode())
+        if link.type != h5py.h5l.TYPE_HARD:
+            return False
+        return _layout_v3_chunked(fr, int(f.userblock_size), int(link.u)) is not None
+    except (ValueError, TypeError, struct.error, IndexError, OverflowError, KeyError):
+        return False
 
 
 def _read(fr: FileReader, at: int, n: int) -> bytes:

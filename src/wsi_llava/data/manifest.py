@@ -29,6 +29,11 @@ from pathlib import Path
 from ..errors import WsiLlavaError
 from .choices import LETTERS, ChoiceError, choice_letter, match_choice  # noqa: F401 (choice_letter: re-exported)
 
+#: bounds on text that enters through a manifest: a ``choices`` cell, JSON nesting, the whole file
+MAX_CHOICES_CHARS = 65536
+MAX_JSON_DEPTH = 32
+MAX_MANIFEST_BYTES = 2**30
+
 REQUIRED_COLUMNS = ("h5_path", "caption", "question", "answer", "slide_id", "dataset")
 OPTIONAL_COLUMNS = ("choices", "split", "case_id", "category")
 
@@ -144,8 +149,12 @@ def parse_choices(text: str) -> tuple[str, ...] | None:
     text = (text or "").strip()
     if not text:
         return None
+    if len(text) > MAX_CHOICES_CHARS:
+        raise ValueError(f"the cell is {len(text):,} characters long; at most {MAX_CHOICES_CHARS:,} are accepted")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep; expected a flat list of strings") from None
     except (json.JSONDecodeError, ValueError):
         try:
             value = ast.literal_eval(text)
@@ -153,7 +162,24 @@ def parse_choices(text: str) -> tuple[str, ...] | None:
             raise ValueError(
                 f"cannot parse {text[:60]!r} as a JSON or Python list of strings"
             ) from None
+    if not _depth_ok(value, 1):
+        raise ValueError("nested lists; expected a flat list of option strings")
     return _choices_tuple(value)
+
+
+def _depth_ok(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` (parsed JSON) nests at most ``limit`` containers deep (iterative: any depth is safe)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, tuple, dict)):
+            if depth > limit:
+                return False
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+_TOO_DEEP = f"JSON nested more than {MAX_JSON_DEPTH} levels deep (a conversation needs 3)"
 
 
 def _choices_tuple(value) -> tuple[str, ...] | None:
@@ -227,8 +253,13 @@ def read_manifest_rows(
     (so ``validate`` can still check the slide files those rows name): ``(good, problems, invalid)``."""
     path = os.fspath(path)
     source = path
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return [], [Problem(source, 0, "path", f"manifest not found: {path}")], []
+    if not os.path.isfile(path):  # a FIFO or device would block or never end: never opened
+        return [], [Problem(source, 0, "path", f"not a regular file: {path}")], []
+    if os.path.getsize(path) > MAX_MANIFEST_BYTES:
+        return [], [Problem(source, 0, "path", f"{os.path.getsize(path):,} bytes; manifests may be at most "
+                                               f"{MAX_MANIFEST_BYTES:,} bytes (split it)")], []
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -407,16 +438,23 @@ def _read_sharegpt(
                 items.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 rows.add(None, None, [Problem(source, lineno, "json", f"invalid JSON: {e.msg} (column {e.colno})")])
+            except RecursionError:
+                rows.add(None, None, [Problem(source, lineno, "json", _TOO_DEEP)])
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             return _Rows.failed([Problem(source, 0, "json", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")])
+        except RecursionError:
+            return _Rows.failed([Problem(source, 0, "json", _TOO_DEEP + " somewhere in the file")])
         if not isinstance(data, list):
             return _Rows.failed([Problem(source, 0, "json", f"expected a list of conversations, got {type(data).__name__}")])
         items = list(enumerate(data, start=1))
     base = Path(source).resolve().parent
     for row, item in items:
+        if not _depth_ok(item):
+            rows.add(None, None, [Problem(source, row, "json", _TOO_DEEP)])
+            continue
         if not isinstance(item, dict):
             rows.add(None, None, [Problem(source, row, "json", f"expected an object, got {type(item).__name__}")])
             continue

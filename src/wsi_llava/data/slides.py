@@ -33,6 +33,7 @@ Files are opened per call and closed before returning, so nothing h5py crosses a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -41,7 +42,15 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from .h5layout import FileReader, chunk_table
+from . import h5safety
+from .h5layout import FileReader, chunk_table, uses_btree_v1
+from .h5safety import CHUNK_CACHE_BYTES, SlideError, open_h5
+
+__all__ = [
+    "FEATURES_KEY", "COORD_KEYS", "MAX_COORD", "SAMPLING_MODES", "CHUNK_CACHE_BYTES", "Slide", "SlideError",
+    "SlideInfo", "describe_layout", "load_slide", "open_slide", "read_slide_meta", "sample_chunk_indices",
+    "sample_indices", "scan_slide", "slide_dataset",
+]
 
 FEATURES_KEY = "features"
 #: coordinate dataset names, in order of preference, and whether they are stored (y, x)
@@ -49,17 +58,13 @@ COORD_KEYS: tuple[tuple[str, bool], ...] = (("coords_yx", True), ("coords", Fals
 #: coordinates at or beyond this many level-0 pixels are rejected (2**24: float32 stays exact; the
 #: largest scanned slides are ~2·10^5 px wide)
 MAX_COORD = 2**24
-#: HDF5 chunk cache per open file; large enough for a chunk row of any realistic layout
-CHUNK_CACHE_BYTES = 64 * 2**20
 #: relative cost of one ``H5Dread_chunk`` lookup vs. visiting one chunk in ``H5Dchunk_iter``
 #: (measured ≈ 12 µs vs ≈ 0.8 µs)
 _LOOKUP_VS_ITER = 15.0
+#: most decompressed bytes read from a compressed dataset in one piece (then copied out and dropped)
+_RUN_BYTES = 64 * 2**20
 #: uniform ("exact seed distribution") or whole-chunk cluster sampling on compressed files
 SAMPLING_MODES = ("uniform", "chunks")
-
-
-class SlideError(ValueError):
-    """A slide file cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -148,30 +153,21 @@ def sample_chunk_indices(
 # --------------------------------------------------------------------------- opening and checks
 
 
-def _check_path(path: str) -> None:
-    if not os.path.exists(path):
-        raise SlideError(f"{path}: file not found")
-    if not os.path.isfile(path):
-        raise SlideError(f"{path}: not a regular file")
-    if os.path.getsize(path) == 0:
-        raise SlideError(f"{path}: zero-byte file (an interrupted copy or feature extraction?)")
-    try:
-        ok = h5py.is_hdf5(path)
-    except OSError as e:
-        raise SlideError(f"{path}: cannot read file ({e})") from None
-    if not ok:
-        raise SlideError(f"{path}: not an HDF5 file (no HDF5 signature)")
+def open_slide(path: str | os.PathLike) -> h5py.File:
+    """Open a slide H5 file read-only, checked (:func:`~wsi_llava.data.h5safety.open_h5`: a regular,
+    non-empty HDF5 file; special files are refused before anything opens them). The one way code opens
+    a slide file; look datasets up with :func:`slide_dataset`."""
+    return open_h5(os.fspath(path))
 
 
-def _open(path: str) -> h5py.File:
-    _check_path(path)
-    try:
-        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007)
-    except OSError as e:
-        msg = str(e)
-        if "truncated" in msg:
-            raise SlideError(f"{path}: truncated HDF5 file ({msg})") from None
-        raise SlideError(f"{path}: corrupt or unreadable HDF5 file ({msg})") from None
+def slide_dataset(f: h5py.File, name: str) -> h5py.Dataset | None:
+    """``f[name]`` resolved inside the file only (external links refused, soft links checked), or None
+    when absent (:func:`~wsi_llava.data.h5safety.get_dataset`). The storage layout is not checked: for
+    small side datasets and attributes; tiles go through :func:`load_slide` / :func:`scan_slide`."""
+    return h5safety.get_dataset(f, f.filename, name)
+
+
+_open = open_slide
 
 
 def _filters(dset: h5py.Dataset) -> list[tuple[int, str]]:
@@ -198,14 +194,14 @@ def _datasets(
 ) -> tuple[h5py.Dataset, h5py.Dataset, str, bool]:
     """Find and shape-check ``features`` and the coordinate dataset → ``(features, coords,
     coords_key, coords_are_yx)``. No tile data is read. ``allow_float64``: for ``convert-h5``."""
-    feats = f.get(FEATURES_KEY)
-    if not isinstance(feats, h5py.Dataset):
+    feats = h5safety.get_dataset(f, path, FEATURES_KEY)
+    if feats is None:
         keys = ", ".join(sorted(f.keys())) or "nothing"
         raise SlideError(f"{path}: no `{FEATURES_KEY}` dataset (file has: {keys})")
     coords_key, yx, coords = None, False, None
     for key, is_yx in COORD_KEYS:
-        coords = f.get(key)
-        if isinstance(coords, h5py.Dataset):
+        coords = h5safety.get_dataset(f, path, key)
+        if coords is not None:
             coords_key, yx = key, is_yx
             break
     if coords_key is None:
@@ -241,6 +237,9 @@ def _datasets(
         raise SlideError(f"{path}: `{coords_key}` dtype is {coords.dtype}; expected numbers")
     _check_filters(path, FEATURES_KEY, feats)
     _check_filters(path, coords_key, coords)
+    size = h5safety.file_size(f)  # the layout: no virtual/external storage, allocated, inside the file, bounded
+    h5safety.check_storage(path, FEATURES_KEY, feats, size)
+    h5safety.check_storage(path, coords_key, coords, size)
     return feats, coords, coords_key, yx
 
 
@@ -257,24 +256,10 @@ def _check_dim(path: str, d: int, expected_dim: int | None) -> None:
         raise SlideError(f"{path}: feature width D = {d}, expected {expected_dim}")
 
 
-def _check_features(path: str, feats: np.ndarray, rows: np.ndarray) -> None:
-    """No NaN/Inf among the tiles read; ``rows[r]`` is the file row of ``feats[r]``.
-
-    Fast path: a NaN or Inf anywhere makes the sum non-finite, so a finite sum proves every value
-    finite; only a non-finite sum (a bad value, or overflow of a finite sum) triggers the exact check.
-    (``einsum``'s plain float32 sum: 3x faster than ``ndarray.sum``'s pairwise one, and the rounding
-    of the sum does not matter here.)"""
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.einsum("ij->", feats) if feats.ndim == 2 else feats.sum()):
-            return
-    if np.isfinite(feats).all():
-        return
-    bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
-    kind = "NaN" if np.isnan(feats[bad[0]]).any() else "Inf"
-    raise SlideError(
-        f"{path}: `{FEATURES_KEY}` contains {kind} (file row {int(rows[bad[0]])}; "
-        f"{len(bad)} bad row(s) among the {len(feats)} read)"
-    )
+def _check_features(path: str, feats: np.ndarray, rows: np.ndarray, fill: float = 0.0) -> None:
+    """The tiles read hold real data (no NaN/Inf, no all-zero or all-fill-value row); ``rows[r]`` is the
+    file row of ``feats[r]`` (:func:`~wsi_llava.data.h5safety.check_feature_rows`)."""
+    h5safety.check_feature_rows(path, FEATURES_KEY, feats, rows, fill)
 
 
 def _check_coords(path: str, coords: np.ndarray, rows: np.ndarray, coords_key: str) -> None:
@@ -326,11 +311,7 @@ def _read_error(path: str, key: str, e: Exception) -> SlideError:
     return SlideError(f"{path}: cannot read `{key}` (corrupt or truncated file?): {e}")
 
 
-def _unwritten(path: str, key: str, detail: str) -> SlideError:
-    return SlideError(
-        f"{path}: `{key}` has storage that was never written ({detail}; an interrupted feature "
-        "extraction?); refusing to read fill values as tiles"
-    )
+_unwritten = h5safety.unwritten
 
 
 def _read_rows(
@@ -382,10 +363,6 @@ def _read_h5py(dset: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
     return dset[idx]
 
 
-def _file_size(path: str) -> int:
-    return os.path.getsize(path)
-
-
 def _read_contiguous(path: str, fr: FileReader, dset: h5py.Dataset, key: str, rows: np.ndarray) -> np.ndarray:
     """Contiguous dataset: row i lies at ``offset + i · row_bytes``; ``out[p] = dset[rows[p]]``."""
     offset = dset.id.get_offset()
@@ -424,13 +401,25 @@ def _read_chunked(
 
     Addresses come from the parsed v1 B-tree (:func:`~wsi_llava.data.h5layout.chunk_table`), else
     from HDF5's index walk; when that walk would visit far more chunks than the sample needs (or
-    HDF5 < 1.14 lacks it), the needed chunks are read one by one instead.
+    HDF5 < 1.14 lacks it), the needed chunks are read one by one instead. A v1 B-tree the parser
+    declined is damaged (HDF5's walk may list chunks its lookups cannot find, and a plain read then
+    returns fill values): its chunks are read one by one through HDF5's lookup, and a chunk the lookup
+    cannot find is an error.
     """
     n, c = dset.shape
     cr, cc = dset.chunks
     chunk_of = idx // cr  # idx is sorted, so its distinct chunks are where the chunk changes
     need = chunk_of[np.r_[True, chunk_of[1:] != chunk_of[:-1]]] if len(idx) else chunk_of
     table = chunk_table(f, key, dset, fr)  # the v1 B-tree, parsed (every h5py-default file)
+    if table is None and uses_btree_v1(f, key, fr):  # a v1 B-tree the parser declined: damaged
+        if not hasattr(dset.id, "chunk_iter") or _iter_chunk_table(dset) is None:
+            raise SlideError(f"{path}: `{key}` has a damaged chunk index (entries of the wrong size for "
+                             "uncompressed chunks); re-extract the features")
+        # HDF5's walk may list chunks its lookups cannot find (a plain read then returns fill values):
+        # read every needed chunk through the lookup, where a chunk it cannot find is an error
+        dest = np.empty(len(idx), dtype=np.int64)
+        dest[order] = np.arange(len(idx))
+        return _read_chunk_direct(path, dset, key, idx, need, dest)
     if table is None and hasattr(dset.id, "chunk_iter") and math.ceil(n / cr) <= _LOOKUP_VS_ITER * len(need):
         table = _iter_chunk_table(dset)  # a newer index: HDF5's walk, unless few chunks are needed
         if table is None:  # chunks of unexpected sizes: let HDF5 read them
@@ -438,12 +427,12 @@ def _read_chunked(
     if table is None:
         dest = np.empty(len(idx), dtype=np.int64)
         dest[order] = np.arange(len(idx))
-        if hasattr(dset.id, "read_direct_chunk"):
+        if hasattr(dset.id, "read_direct_chunk"):  # HDF5's lookup per chunk: a chunk it cannot find is an error
             return _read_chunk_direct(path, dset, key, idx, need, dest)
         return _read_h5py(dset, idx)[order]
-    missing = np.flatnonzero((table[need] < 0).any(axis=1))
+    missing = np.flatnonzero((table < 0).any(axis=1))  # the whole index is at hand: every chunk must exist
     if len(missing):
-        r0 = int(need[missing[0]]) * cr
+        r0 = int(missing[0]) * cr
         more = f" and {len(missing) - 1} more chunk row(s)" if len(missing) > 1 else ""
         raise _unwritten(path, key, f"rows {r0}–{min(n, r0 + cr) - 1}{more}")
     itemsize = dset.dtype.itemsize
@@ -462,7 +451,11 @@ def _read_chunked(
 def _read_chunk_direct(
     path: str, dset: h5py.Dataset, key: str, idx: np.ndarray, need: np.ndarray, dest: np.ndarray
 ) -> np.ndarray:
-    """Uncompressed chunked dataset, few chunks needed: read just those (``H5Dread_chunk``)."""
+    """Uncompressed chunked dataset, few chunks needed: read just those (``H5Dread_chunk``).
+
+    Only for chunk indexes whose entries are known to be full-size: newer indexes store no size for
+    unfiltered chunks, and a version-1 B-tree comes here only after HDF5's walk checked every entry's
+    size (``H5Dread_chunk`` trusts the stored size; a damaged one overruns the buffer)."""
     n, c = dset.shape
     cr, cc = dset.chunks
     dtype = dset.dtype
@@ -501,14 +494,13 @@ def _read_chunk_runs(path: str, dset: h5py.Dataset, key: str, idx: np.ndarray) -
     """Compressed chunked dataset: the needed chunks as chunk-aligned runs (each decompressed once)."""
     n, c = dset.shape
     cr, cc = dset.chunks
-    expected = math.ceil(n / cr) * math.ceil(c / cc)
-    have = dset.id.get_num_chunks()
-    if have < expected:
-        raise _unwritten(path, key, f"only {have} of {expected} chunks exist")
+    h5safety.check_all_chunks(path, key, dset)
     if len(idx) == n:
         return dset[()]
     need = np.unique(idx // cr)
-    breaks = np.flatnonzero(np.diff(need) > 1) + 1
+    # runs of adjacent needed chunk rows, each at most _RUN_BYTES decompressed (bounded memory)
+    per_run = max(1, _RUN_BYTES // (cr * c * dset.dtype.itemsize))
+    breaks = np.flatnonzero((np.diff(need) > 1) | (np.arange(1, len(need)) % per_run == 0)) + 1
     out = np.empty((len(idx), c), dtype=dset.dtype)
     pos = 0
     for run in np.split(need, breaks):
@@ -549,15 +541,18 @@ def load_slide(
         sorted by (y, x); ``K = min(N, patches_per_wsi)``.
 
     Raises:
-        SlideError: missing/zero-byte/non-HDF5/truncated file; no ``features`` or coordinates;
-            wrong shapes or dtype; N = 0; length mismatch; unavailable compression filter;
-            unwritten storage; NaN/Inf in the tiles read; negative, non-finite or huge
-            coordinates; D ≠ ``expected_dim``.
+        SlideError: missing/zero-byte/non-HDF5/truncated file or a special file (FIFO, device); no
+            ``features`` or coordinates; a group or dangling link in their place; external links,
+            virtual datasets or external raw storage; wrong shapes or dtype; N = 0; length mismatch;
+            unavailable compression filter; oversized chunks or decompressed data; unwritten storage;
+            NaN/Inf, all-zero or all-fill-value rows among the tiles read; duplicate, negative,
+            non-finite or huge coordinates among them; D ≠ ``expected_dim``; a read over
+            :data:`~wsi_llava.data.h5safety.MAX_READ_BYTES`. See docs/data.md.
     """
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     path = os.fspath(path)
-    with _open(path) as f, FileReader(path) as fr:
+    with _open(path) as f, _corrupt_as_slide_error(path), FileReader(path) as fr:
         feats_ds, coords_ds, coords_key, yx = _datasets(f, path)
         n, d = feats_ds.shape
         _check_dim(path, d, expected_dim)
@@ -565,6 +560,7 @@ def load_slide(
             idx = sample_chunk_indices(n, patches_per_wsi, feats_ds.chunks[0], rng)
         else:
             idx = sample_indices(n, patches_per_wsi, rng)
+        h5safety.check_read_size(path, FEATURES_KEY, len(idx), d * 4)
         coords = _read_rows(path, f, fr, coords_ds, coords_key, idx)
         _check_coords(path, coords, idx, coords_key)
         coords = coords.astype(np.float32)
@@ -572,9 +568,23 @@ def load_slide(
             coords = np.ascontiguousarray(coords[:, ::-1])
         order = np.lexsort((coords[:, 0], coords[:, 1]))  # row-major: by y, then x
         feats = _read_rows(path, f, fr, feats_ds, FEATURES_KEY, idx, order)  # straight into spatial order
+        fill = h5safety.fill_value(feats_ds)
     feats = _as_float32(feats)
-    _check_features(path, feats, idx[order])
-    return Slide(features=feats, coords=coords[order], path=path, n_total=int(n))
+    _check_features(path, feats, idx[order], fill)
+    coords = coords[order]
+    h5safety.check_unique_coords(path, coords_key, coords, idx[order])  # in spatial order duplicates are adjacent
+    return Slide(features=feats, coords=coords, path=path, n_total=int(n))
+
+
+@contextlib.contextmanager
+def _corrupt_as_slide_error(path: str):
+    """HDF5 metadata that is damaged can surface as almost any exception from h5py; name the file."""
+    try:
+        yield
+    except SlideError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError) as e:
+        raise SlideError(f"{path}: corrupt or unreadable HDF5 file ({type(e).__name__}: {e})") from None
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
@@ -592,61 +602,55 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
 def scan_slide(
     path: str | os.PathLike, expected_dim: int | None = None, block_rows: int = 8192
 ) -> SlideInfo:
-    """Full check of one slide file: structure, every tile finite, every coordinate in range.
+    """Full check of one slide file: structure and layout, every chunk present, every tile finite and
+    not all zero / all fill value, every coordinate in range and distinct.
 
     Reads the whole file once, in chunk-aligned blocks of about ``block_rows`` rows (bounded
     memory). Raises :class:`SlideError` on the first problem.
     """
     path = os.fspath(path)
-    with _open(path) as f:
+    with _open(path) as f, _corrupt_as_slide_error(path):
         feats_ds, coords_ds, coords_key, _ = _datasets(f, path)
         n, d = feats_ds.shape
         _check_dim(path, d, expected_dim)
-        for key, ds in ((FEATURES_KEY, feats_ds), (coords_key, coords_ds)):
-            _check_written(path, key, ds)
         for _ in _iter_blocks(path, feats_ds, coords_ds, coords_key, block_rows):
             pass
         return SlideInfo(path, int(n), int(d), str(feats_ds.dtype), coords_key, describe_layout(feats_ds))
-
-
-def _check_written(path: str, key: str, ds: h5py.Dataset) -> None:
-    plan = _plan(ds)
-    if plan == "contiguous":
-        offset = ds.id.get_offset()
-        if offset is None:
-            raise _unwritten(path, key, "no data allocated")
-        if offset + int(np.prod(ds.shape)) * ds.dtype.itemsize > _file_size(path):
-            raise SlideError(f"{path}: truncated file: `{key}` data runs past the end of the file")
-    elif plan in ("chunked", "compressed"):
-        n, c = ds.shape
-        cr, cc = ds.chunks
-        expected = math.ceil(n / cr) * math.ceil(c / cc)
-        have = ds.id.get_num_chunks()
-        if have < expected:
-            raise _unwritten(path, key, f"only {have} of {expected} chunks exist")
 
 
 def _iter_blocks(
     path: str, feats_ds: h5py.Dataset, coords_ds: h5py.Dataset, coords_key: str, block_rows: int = 8192
 ):
     """Yield checked ``(first_row, features[b, D] float32, coords[b, 2] as stored)`` over the whole
-    file in file order, in blocks aligned to the features' chunk rows (bounded memory)."""
-    n = feats_ds.shape[0]
-    step = block_rows
+    file in file order, in blocks aligned to the features' chunk rows (bounded memory).
+
+    The full check (what ``validate`` and ``convert-h5`` rely on): every chunk of both datasets exists;
+    all coordinates are read first (N × 2 numbers) and checked for range and duplicates; then every
+    feature row for NaN/Inf and all-zero / all-fill-value rows."""
+    n, d = feats_ds.shape
+    for key, ds in ((FEATURES_KEY, feats_ds), (coords_key, coords_ds)):
+        h5safety.check_all_chunks(path, key, ds)
+    h5safety.check_read_size(path, coords_key, n, 2 * coords_ds.dtype.itemsize)
+    try:
+        coords_all = coords_ds[()]
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise _read_error(path, coords_key, e) from None
+    rows = np.arange(n)
+    _check_coords(path, coords_all, rows, coords_key)
+    order = np.lexsort((coords_all[:, 1], coords_all[:, 0]))
+    h5safety.check_unique_coords(path, coords_key, coords_all[order], order)
+    del order
+    fill = h5safety.fill_value(feats_ds)
+    row_bytes = max(1, d * max(4, feats_ds.dtype.itemsize))
+    step = max(1, min(block_rows, _RUN_BYTES // row_bytes))
     if feats_ds.chunks:
         cr = feats_ds.chunks[0]
-        step = max(cr, (block_rows // cr) * cr)
+        step = max(cr, (step // cr) * cr)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         try:
             feats = np.asarray(feats_ds[r0:r1], dtype=np.float32)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
             raise _read_error(path, FEATURES_KEY, e) from None
-        try:
-            coords = coords_ds[r0:r1]
-        except (OSError, RuntimeError) as e:
-            raise _read_error(path, coords_key, e) from None
-        rows = np.arange(r0, r1)
-        _check_features(path, feats, rows)
-        _check_coords(path, coords, rows, coords_key)
-        yield r0, feats, coords
+        _check_features(path, feats, rows[r0:r1], fill)
+        yield r0, feats, coords_all[r0:r1]

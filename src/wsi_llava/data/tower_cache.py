@@ -41,7 +41,9 @@ import h5py
 import numpy as np
 
 from ..errors import WsiLlavaError
+from . import h5safety
 from .h5layout import FileReader
+from .h5safety import SlideError
 from .slides import Slide, read_slide_meta, sample_indices
 
 FORMAT_VERSION = 1
@@ -202,20 +204,38 @@ class TowerCache:
         if not path.is_file():
             raise TowerCacheError(f"{path}: no tower-cache file for slide {slide_id!r}{at}; run `wsi-llava encode "
                                   f"--data MANIFEST --out {self.directory}` with the model's tower for every slide")
-        try:
-            return path, h5py.File(path, "r")
-        except OSError as e:
-            raise TowerCacheError(f"{path}: unreadable tower-cache file{at} ({e}); delete it and re-run "
+        try:  # the same checked open as slide files: a regular HDF5 file, never a FIFO or device
+            return path, h5safety.open_h5(str(path))
+        except SlideError as e:
+            raise TowerCacheError(f"unreadable tower-cache file{at}: {e}; delete it and re-run "
                                   "`wsi-llava encode`") from None
 
-    def _validate(self, path: Path, f: h5py.File, n_tiles: int | None, at: str) -> int:
-        """Check one open file against the identity (and ``n_tiles``); returns N."""
-        a = f.attrs
-        missing = [k for k in ("tokens", "cls_token", "cls_attention", "keys", "coords") if k not in f]
+    def _datasets(self, path: Path, f: h5py.File, at: str) -> dict[str, h5py.Dataset]:
+        """The five datasets, looked up inside the file only and with their storage checked like a slide
+        file's (no external links, virtual datasets or external storage; allocated; inside the file)."""
+        found: dict[str, h5py.Dataset] = {}
+        missing = []
+        try:
+            size = h5safety.file_size(f)
+            for k in ("tokens", "cls_token", "cls_attention", "keys", "coords"):
+                ds = h5safety.get_dataset(f, str(path), k)
+                if ds is None:
+                    missing.append(k)
+                    continue
+                h5safety.check_storage(str(path), k, ds, size)
+                found[k] = ds
+        except SlideError as e:
+            raise TowerCacheError(f"{e}{at}; delete it and re-run `wsi-llava encode`") from None
         missing += [k for k in ("format_version", "tower_sha256", "tower_config", "select_layer", "n_tiles")
-                    if k not in a]
+                    if k not in f.attrs]
         if missing:
             raise TowerCacheError(f"{path}: not a tower-cache file{at}: lacks {', '.join(missing)}")
+        return found
+
+    def _validate(self, path: Path, f: h5py.File, n_tiles: int | None, at: str) -> tuple[int, dict]:
+        """Check one open file against the identity (and ``n_tiles``); returns N and the datasets."""
+        a = f.attrs
+        f = self._datasets(path, f, at)
         if int(a["format_version"]) != FORMAT_VERSION:
             raise TowerCacheError(f"{path}: tower-cache format {int(a['format_version'])}{at}; this version reads "
                                   f"format {FORMAT_VERSION}: re-run `wsi-llava encode`")
@@ -246,7 +266,7 @@ class TowerCache:
         if n_tiles is not None and n != int(n_tiles):
             raise TowerCacheError(f"{path}: caches {n} tiles but the slide file has {n_tiles}{at} (the slide "
                                   "changed since `wsi-llava encode`?); re-run it")
-        return n
+        return n, f
 
     def check(self, slide_id: str, n_tiles: int | None = None, where: str = "") -> Path:
         """Validate ``slide_id``'s file (exists, complete, same tower and layer, ``n_tiles`` tiles)."""
@@ -282,16 +302,16 @@ class TowerCache:
         cls_token [D], cls_attention [K] float32, keys [K, D] float16."""
         path, f = self._open(slide_id, where)
         with f:
-            n = self._validate(path, f, n_tiles, f" ({where})" if where else "")
-            coords_all = np.asarray(f["coords"][:], dtype=np.float32)
+            n, ds = self._validate(path, f, n_tiles, f" ({where})" if where else "")
+            coords_all = np.asarray(ds["coords"][:], dtype=np.float32)
             idx = sample_indices(n, patches_per_wsi, rng)
             c = coords_all[idx]
             order = np.lexsort((c[:, 0], c[:, 1]))  # row-major, as load_slide
             with FileReader(str(path)) as fr:
-                tokens = _read_rows(fr, f["tokens"], idx, order)
-                keys = _read_rows(fr, f["keys"], idx, order)
-            cls_attention = np.asarray(f["cls_attention"][:], dtype=np.float32)[idx[order]]
-            cls_token = np.asarray(f["cls_token"][:], dtype=np.float32)
+                tokens = _read_rows(fr, ds["tokens"], idx, order)
+                keys = _read_rows(fr, ds["keys"], idx, order)
+            cls_attention = np.asarray(ds["cls_attention"][:], dtype=np.float32)[idx[order]]
+            cls_token = np.asarray(ds["cls_token"][:], dtype=np.float32)
             source = str(f.attrs.get("source_h5", ""))
         return CachedSlide(features=tokens, coords=c[order], path=source or str(path), n_total=n,
                            cls_token=cls_token, cls_attention=cls_attention, keys=keys)

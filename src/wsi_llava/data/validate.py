@@ -19,7 +19,7 @@ import numpy as np
 from .manifest import Problem, Record, option_lines, read_manifest_rows, record_problems
 from .slides import SlideError, load_slide, read_slide_meta, scan_slide
 
-__all__ = ["Problem", "validate_records", "validate_manifests", "estimate_words", "add_arguments", "main"]
+__all__ = ["Problem", "item_key", "validate_records", "validate_manifests", "estimate_words", "add_arguments", "main"]
 
 
 def estimate_words(rec: Record) -> tuple[int, int]:
@@ -64,23 +64,25 @@ def validate_records(
         files_only: more records whose slide files are checked (file problems reported on their
             rows) without row checks — rows that already failed manifest checks.
 
-    Duplicate (slide_id, question) rows are looked for within each manifest (question compared
-    case- and space-insensitively). Problems from one file are repeated for every row that uses it (``field="h5_path"``), so a
+    Duplicate items (same slide, kind, question and options: :func:`item_key`) are looked for within
+    each manifest (question and options compared case- and space-insensitively). Problems from one file are repeated for every row that uses it (``field="h5_path"``), so a
     caller can skip exactly the affected rows.
     """
     problems: list[Problem] = []
-    seen: dict[tuple[str, str, str], Record] = {}
+    seen: dict[tuple, Record] = {}
     by_file: dict[str, list[Record]] = defaultdict(list)
     for rec in records:
         for field, msg in record_problems(rec):
             problems.append(Problem(rec.source, rec.row, field, msg))
-        key = (rec.source, rec.slide_id, " ".join(rec.question.casefold().split()))  # within one manifest
+        key = item_key(rec)
         first = seen.get(key)
         if first is not None and (first.source, first.row) != (rec.source, rec.row):
             what = f"question {rec.question!r}" if rec.question else "report (caption-only) row"
+            same = "same kind and options" if rec.choices else f"same kind ({rec.kind})"
             problems.append(
                 Problem(rec.source, rec.row, "question",
-                        f"duplicate (slide_id, question): slide {rec.slide_id!r}, {what} already at {first.where}")
+                        f"duplicate (slide_id, question): slide {rec.slide_id!r}, {what} already at {first.where} "
+                        f"({same})")
             )
         else:
             seen.setdefault(key, rec)
@@ -118,6 +120,19 @@ def validate_records(
                 problems += [Problem(r.source, r.row, "h5_path", msg) for r in by_file[path]]
     problems.sort(key=lambda p: (p.source, p.row))
     return problems
+
+
+def item_key(rec: Record) -> tuple:
+    """What makes a manifest item distinct within one manifest: (manifest, slide, kind, question, options),
+    question and options compared case- and space-insensitively. A multiple-choice item and an open
+    item with the same wording on one slide (WSI-Bench's ``Morphology_choice`` vs
+    ``Regional_Structure_Description``, ``Staging_choice`` vs ``Staging``) are different items; two
+    multiple-choice items differ when their options do."""
+    def norm(text: str) -> str:
+        return " ".join(str(text).casefold().split())
+
+    choices = tuple(norm(c) for c in rec.choices) if rec.choices else ()
+    return (rec.source, rec.slide_id, rec.kind, norm(rec.question), choices)
 
 
 def _check_file(path: str, expected_dim: int | None, patches_per_wsi: int | None, full_scan: bool) -> int:
@@ -159,6 +174,9 @@ def validate_manifests(
     problems: list[Problem] = []
     for path in paths:
         recs, probs, bad = read_manifest_rows(path, split)
+        if not recs and not bad and not probs:  # a header-only CSV or an empty list is not "OK"
+            what = f"no rows with split={split!r}" if split is not None else "no rows (only a header, or an empty list)"
+            probs = [Problem(os.fspath(path), 0, "rows", f"{what}; nothing to train or evaluate on")]
         records += recs
         invalid += bad
         problems += probs

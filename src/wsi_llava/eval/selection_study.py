@@ -130,17 +130,17 @@ def planted_lookup(path: str | Path) -> dict[tuple[float, float], bool]:
 
     Raises ``ValueError`` naming the file when it has no ``planted`` dataset or its length differs
     from the coordinates'."""
-    import h5py
+    from ..data.slides import COORD_KEYS, open_slide, slide_dataset
 
-    from ..data.slides import COORD_KEYS
-
-    with h5py.File(path, "r") as f:
-        if "planted" not in f:
+    with open_slide(path) as f:  # checked: a regular file; links resolved inside the file only
+        planted_ds = slide_dataset(f, "planted")
+        if planted_ds is None:
             raise ValueError(f"{path}: no 'planted' dataset (only synthetic cohorts mark their diagnostic tiles)")
-        planted = np.asarray(f["planted"][:], dtype=bool)
+        planted = np.asarray(planted_ds[:], dtype=bool)
         for key, yx in COORD_KEYS:
-            if key in f:
-                coords = np.asarray(f[key][:], dtype=np.float32)
+            ds = slide_dataset(f, key)
+            if ds is not None:
+                coords = np.asarray(ds[:], dtype=np.float32)
                 if yx:
                     coords = coords[:, ::-1]
                 break

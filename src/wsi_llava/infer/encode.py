@@ -19,13 +19,12 @@ import contextlib
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..data.manifest import Record, load_manifest
-from ..data.slides import COORD_KEYS, SlideError, load_slide, read_slide_meta
+from ..data.slides import COORD_KEYS, SlideError, load_slide, open_slide, read_slide_meta, slide_dataset
 from ..data.tower_cache import TowerCache, TowerCacheError, TowerIdentity, tower_identity, write_cache_file
 from .embed import unique_slides
 
@@ -35,9 +34,9 @@ def file_order(path: str, spatial_coords: np.ndarray) -> np.ndarray:
 
     Reads the coordinates in file order (``coords_yx`` preferred, as ``load_slide``), sorts them
     row-major (by y, then x; stable) and checks the result equals ``spatial_coords`` [N, 2] (x, y)."""
-    with h5py.File(path, "r") as f:
-        key, yx = next((k, is_yx) for k, is_yx in COORD_KEYS if isinstance(f.get(k), h5py.Dataset))
-        xy = np.asarray(f[key][:]).astype(np.float32)
+    with open_slide(path) as f:
+        key, yx, ds = next((k, is_yx, d) for k, is_yx in COORD_KEYS if (d := slide_dataset(f, k)) is not None)
+        xy = np.asarray(ds[:]).astype(np.float32)
     if yx:
         xy = np.ascontiguousarray(xy[:, ::-1])
     order = np.lexsort((xy[:, 0], xy[:, 1]))

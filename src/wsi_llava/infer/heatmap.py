@@ -81,12 +81,10 @@ def read_patch_size(path: str | Path) -> int:
     ``patch_size``, multiplied by the ``downsample`` of ``patch_level`` when the coordinates carry
     CLAM's ``patch_level`` > 0; else 256.
     """
-    import h5py
+    from ..data.slides import COORD_KEYS, open_slide, slide_dataset
 
-    from ..data.slides import COORD_KEYS
-
-    with h5py.File(path, "r") as f:
-        coords = next((f[k] for k, _ in COORD_KEYS if k in f), None)
+    with open_slide(path) as f:  # checked: a regular file; links resolved inside the file only
+        coords = next((d for k, _ in COORD_KEYS if (d := slide_dataset(f, k)) is not None), None)
         places = ([coords.attrs] if coords is not None else []) + [f.attrs]
         for attrs in places:
             if "patch_size_level0" in attrs:

@@ -3,7 +3,8 @@
 One JSON line per manifest row, appended and flushed as each batch completes. Rows are keyed by
 (slide_id, question) (a repeated pair gets ``#2``, ``#3`` …); a rerun skips keys already in the output,
 so an interrupted run resumed gives exactly one line per row. Rows whose slide cannot be read go to
-``OUT.errors.jsonl`` (with the reason) instead of becoming zeros; a rerun retries them.
+``OUT.errors.jsonl`` (with the reason) instead of becoming zeros; a rerun retries them, and the file always
+holds one line per row still failing (a rerun never repeats a line; a row answered since is removed).
 
 Line format: ``key, slide_id, question, reference, prediction, choices, kind, category, dataset, row``
 (``reference`` is the gold letter for multiple-choice rows, the caption for report rows), plus
@@ -65,6 +66,34 @@ def _repair_tail(path: Path) -> None:
             f.truncate()
 
 
+def read_errors(path: Path) -> dict[str, dict]:
+    """``key → error line`` of an errors file (the last line per key; torn or foreign lines ignored)."""
+    out: dict[str, dict] = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    out[str(entry["key"])] = entry
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    return out
+
+
+def write_errors(path: Path, errors: dict[str, dict]) -> None:
+    """Rewrite the errors file atomically (removed when no error is left)."""
+    if not errors:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(e) + "\n" for e in errors.values())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def reference_of(record: Record) -> str:
     """Gold answer: the letter for multiple choice, the caption for reports, else the answer."""
     if record.kind == "mc":
@@ -91,6 +120,10 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     errors_path = out.with_name(out.stem + ".errors.jsonl")
     _repair_tail(out)
     done = read_done(out)
+    errors = read_errors(errors_path)
+    if any(k in done for k in errors) or (errors_path.exists() and not errors):
+        errors = {k: e for k, e in errors.items() if k not in done}
+        write_errors(errors_path, errors)
     keys = row_keys(records)
     todo = [(k, r) for k, r in zip(keys, records) if k not in done]
     by_id = {r.slide_id: r.h5_path for r in records}
@@ -111,8 +144,10 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
                     user, _, qtext = record_turn(r)
                 except (SlideError, OSError, ValueError) as e:
                     counts["errors"] += 1
-                    with open(errors_path, "a", encoding="utf-8") as ferr:
-                        ferr.write(json.dumps({"key": key, "source": r.source, "row": r.row, "error": str(e)}) + "\n")
+                    entry = {"key": key, "source": r.source, "row": r.row, "error": str(e)}
+                    if errors.get(key) != entry:  # a rerun that fails the same way adds nothing
+                        errors[key] = entry
+                        write_errors(errors_path, errors)
                     continue
                 ok.append((key, r))
                 slides.append(slide)
@@ -131,6 +166,10 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
                 fout.flush()
                 os.fsync(fout.fileno())
                 counts["done"] += len(ok)
+                if any(key in errors for key, _ in ok):  # failed before, answered now
+                    for key, _ in ok:
+                        errors.pop(key, None)
+                    write_errors(errors_path, errors)
             bar.update(len(chunk))
     return counts
 

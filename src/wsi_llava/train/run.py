@@ -73,9 +73,14 @@ def filter_invalid(records: list[Record], expected_dim: int | None, skip_invalid
                           f"those rows, or run `wsi-llava validate`):\n  {shown}{more}")
     bad = {(p.source, p.row) for p in problems}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "skipped.jsonl", "a", encoding="utf-8") as f:
+    listed = out_dir / "skipped.jsonl"
+    seen = set(listed.read_text(encoding="utf-8").splitlines()) if listed.exists() else set()
+    with open(listed, "a", encoding="utf-8") as f:  # a rerun adds only problems not listed yet
         for p in problems:
-            f.write(json.dumps({"source": p.source, "row": p.row, "field": p.field, "message": p.message}) + "\n")
+            line = json.dumps({"source": p.source, "row": p.row, "field": p.field, "message": p.message})
+            if line not in seen:
+                seen.add(line)
+                f.write(line + "\n")
     kept = [r for r in records if (r.source, r.row) not in bad]
     logger.warning("skipping %d invalid row(s); listed in %s", len(records) - len(kept), out_dir / "skipped.jsonl")
     return kept
