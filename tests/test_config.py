@@ -73,3 +73,36 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert render(readme) == readme, "README config reference is stale: run `python -m wsi_llava.docs README.md`"
+
+
+def test_override_words_stay_strings_for_string_keys(tmp_path):
+    """YAML 1.1 reads no/yes/on/off as booleans; for keys that are not booleans they are the strings."""
+    assert parse_overrides(["save_strategy=no", "eval_strategy=no", "evaluation_strategy=no", "lr_scheduler_type=off",
+                            "split=yes", "resume_from_checkpoint=yes"]) == {
+        "save_strategy": "no", "eval_strategy": "no", "evaluation_strategy": "no", "lr_scheduler_type": "off",
+        "split": "yes", "resume_from_checkpoint": "yes"}
+    # booleans stay booleans; true/false are booleans everywhere; unknown keys as YAML says
+    assert parse_overrides(["plot_loss=no", "bf16=off", "save_strategy=false", "whatever=yes", "use_cpu=yes"]) == {
+        "plot_loss": False, "bf16": False, "save_strategy": False, "whatever": True, "use_cpu": True}
+    with pytest.raises(ConfigError, match="not a valid YAML value"):
+        parse_overrides(["learning_rate=[1, 2"])
+    p = tmp_path / "c.yaml"
+    p.write_text("llm_name_or_path: x\ndataset: d\noutput_dir: o\n")
+    cfg = load_config(p, ["save_strategy=no", "eval_strategy=no"])
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(**cfg.training)  # was: "False is not a valid IntervalStrategy"
+    assert args.save_strategy == "no" and args.eval_strategy == "no"
+
+
+def test_an_empty_weights_path_is_an_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("llm_name_or_path: x\ndataset: d\noutput_dir: o\nvision_mode: wsi\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: vision_tower is empty; give the slide-encoder weights file"):
+        load_config(p, ["vision_tower="])
+    with pytest.raises(ConfigError, match=r"projector_path is empty"):
+        load_config(p, ["projector_path=  "])
+    with pytest.raises(ConfigError, match=r"vision_tower is empty"):
+        config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o", "vision_tower": ""})
+    assert load_config(p).model.vision_tower is None  # absent: a random encoder, as documented (tests)
+    assert load_config(p, ["system_prompt="]).model.system_prompt is None  # other keys: empty = unset

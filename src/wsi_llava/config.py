@@ -44,7 +44,7 @@ class ModelArguments:
     """``none``: tile features enter the projector directly; ``wsi``: the GigaPath slide encoder."""
     vision_tower: str | None = None
     """Slide-encoder weights (``slide_encoder.pth``, a state dict or safetensors) for ``vision_mode: wsi``;
-    empty = random init (tests)."""
+    absent = random init (tests; logged as a warning); an empty value is an error."""
     vision_model_name: str = "gigapath"
     """Name of the slide encoder; only ``gigapath`` exists."""
     vision_config: dict = field(default_factory=dict)
@@ -73,7 +73,7 @@ class ModelArguments:
     gamma_max: float = 1.0
     """Upper bound of the projector's output scale."""
     projector_path: str | None = None
-    """``projector.safetensors`` from stage 2 to start stage 3 from (strict)."""
+    """``projector.safetensors`` from stage 2 to start stage 3 from (strict); an empty value is an error."""
     freeze_vision_tower: bool = True
     """Keep the slide encoder frozen (eval mode, no gradients)."""
     freeze_language_model: bool = True
@@ -219,14 +219,52 @@ class TrainConfig:
         return str(p if p.is_absolute() else (self.base_dir / p).resolve())
 
 
+#: File keys where an explicitly empty value is a mistake rather than "unset": it would silently mean
+#: a randomly initialised slide encoder or a new projector (remove the key for that).
+NO_EMPTY_KEYS = {
+    "vision_tower": "the slide-encoder weights file, or remove the key to start from a randomly initialised encoder",
+    "projector_path": "the stage-2 projector.safetensors, or remove the key to start from a new projector",
+}
+
+
+def _declared_type(key: str) -> str | None:
+    """The declared type of a config key as text (``"bool"``, ``"IntervalStrategy | str"``, …); None if unknown."""
+    from transformers import TrainingArguments
+
+    key = RENAMED_KEYS.get(key, key)
+    for cls in (ModelArguments, DataArguments, FinetuningArguments, ContrastiveArguments, TrainingArguments):
+        for f in dataclasses.fields(cls):
+            if f.name == key:
+                return f.type if isinstance(f.type, str) else str(f.type)
+    return None
+
+
+def parse_override_value(key: str, text: str) -> Any:
+    """One ``key=value`` override's value, parsed as YAML, except: YAML 1.1's ``yes``/``no``/``on``/``off``
+    stay strings for keys that are not booleans (``save_strategy=no`` means the strategy ``"no"``, not
+    ``False``); an empty value is None (unset), or ``""`` for :data:`NO_EMPTY_KEYS` (refused later)."""
+    if not text.strip():
+        return "" if key in NO_EMPTY_KEYS else None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={text!r}: not a valid YAML value ({e})") from None
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        declared = _declared_type(key)
+        if declared is not None and "bool" not in declared:
+            return text.strip()
+    return value
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` (values parsed as YAML)."""
+    """``["a=1", "b=x", "save_strategy=no"]`` → ``{"a": 1, "b": "x", "save_strategy": "no"}`` (values
+    parsed as YAML; see :func:`parse_override_value`)."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        out[key.strip()] = parse_override_value(key.strip(), value)
     return out
 
 
@@ -289,6 +327,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: use_unsloth: true is not supported; set it to false")
     if m.vision_model_name != "gigapath":
         raise ConfigError(f"{where}: vision_model_name {m.vision_model_name!r}; only 'gigapath' is available")
+    for key, what in NO_EMPTY_KEYS.items():
+        value = getattr(m, key)
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{where}: {key} is empty; give {what}")
     if m.vision_mode not in ("none", "wsi"):
         raise ConfigError(f"{where}: vision_mode {m.vision_mode!r}; use 'none' or 'wsi' ('wsi' = GigaPath slide encoder)")
     if f.stage == "sft" and not (m.llm_name_or_path or m.model_name_or_path):

@@ -14,7 +14,8 @@ to ``OUTPUT/checkpoint-N`` and fsyncs both parent folders; rotation (``save_tota
 considers complete checkpoints only; barrier. A crash at any moment leaves either the previous set of
 complete checkpoints or the new one — never a half-written ``checkpoint-N``. Any error while saving
 (``ENOSPC`` and other ``OSError``, or a writer's ``RuntimeError``) removes the staging folder and stops
-training with a :class:`CheckpointError` naming the step, the folder and the last good checkpoint.
+training with a :class:`CheckpointError` naming the step, the folder and the last good checkpoint
+(a full disk is said as ``disk full while writing PATH``, see :func:`wsi_llava.fileio.is_disk_full`).
 
 Resume (:func:`resolve_resume`): ``true`` → the newest checkpoint whose manifest is present and whose
 files all match their size and sha256 (others are skipped with a warning; none → start fresh);
@@ -26,7 +27,6 @@ globals that ``torch.load(weights_only=True)`` would not allow; any → :class:`
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -41,6 +41,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from ..errors import WsiLlavaError
+from ..fileio import write_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -353,15 +354,21 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def resume_requested(value) -> bool:
+    """Whether a ``resume_from_checkpoint`` value asks to resume (``true`` or a path)."""
+    return not (value is None or value is False
+                or (isinstance(value, str) and value.strip().lower() in ("", "false", "no", "off")))
+
+
 def resolve_resume(value, run_dir: str | os.PathLike) -> str | None:
     """``resume_from_checkpoint`` → the checkpoint folder to hand to ``Trainer.train`` (or None).
 
     ``None``/``False``/``"false"``/``""``: no resume. ``True``/``"true"``: the newest complete,
     verified checkpoint of ``run_dir``; none → None (start fresh, logged). A path: it must verify,
     else :class:`CheckpointError`."""
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no")):
+    if not resume_requested(value):
         return None
-    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes")):
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "on")):
         found = find_resume_checkpoint(run_dir)
         if found is None:
             logger.info("resume_from_checkpoint: true, but %s holds no complete checkpoint; starting fresh", run_dir)
@@ -379,14 +386,39 @@ def resolve_resume(value, run_dir: str | os.PathLike) -> str | None:
     return str(path)
 
 
+def load_checkpoint_weights(model, folder: str | os.PathLike) -> None:
+    """Load the model weights of a checkpoint folder into ``model`` in place, as Hugging Face does on
+    resume (``model.safetensors``, or the shards of ``model.safetensors.index.json``; on the CPU, then
+    copied into the model's tensors). Keys left out of the file because they alias another parameter
+    (tied embeddings) are fine; any other missing or unexpected key is a :class:`CheckpointError`."""
+    import safetensors.torch
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    folder = Path(folder)
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        state = safetensors.torch.load_file(str(single), device="cpu")
+        result = model.load_state_dict(state, strict=False)
+        loaded = set(state)
+        del state
+    elif index.is_file():
+        result = load_sharded_checkpoint(model, str(folder), strict=False, prefer_safe=True)
+        loaded = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors (or its index) to load the weights from")
+    aliases: dict[int, set[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        aliases.setdefault(id(t), set()).add(name)
+    by_name = {n: group for group in aliases.values() for n in group}
+    missing = [k for k in result.missing_keys if not (by_name.get(k, set()) & loaded)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{folder}: the weights do not fit the model (missing: {sorted(missing)[:5]}, "
+                              f"unexpected: {sorted(result.unexpected_keys)[:5]}); was the config changed?")
+
+
 # ---------------------------------------------------------------------------------------------
 # the Trainer side
 # ---------------------------------------------------------------------------------------------
-def _describe_error(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"{e} (disk full)"
-    text = f"{type(e).__name__}: {e}"
-    return text + (" (disk full?)" if "write" in str(e).lower() and not isinstance(e, OSError) else "")
 
 
 class CrashSafeCheckpoints:
@@ -407,13 +439,25 @@ class CrashSafeCheckpoints:
                            "the end of training; pass checkpoint_limit= to the trainer instead")
 
     # -- resume -------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """``Trainer.train`` after removing staging leftovers and resolving ``resume_from_checkpoint``
-        with :func:`resolve_resume` (verified before Hugging Face reads any file)."""
+    def find_resume(self, resume_from_checkpoint) -> str | None:
+        """Remove staging leftovers, then resolve ``resume_from_checkpoint`` with :func:`resolve_resume`
+        (the checkpoint is verified); remembered, so :meth:`train` with the same value or with the
+        returned folder does not verify it again."""
+        memo = getattr(self, "_resume_memo", None)
+        if memo is not None and (resume_from_checkpoint is memo[0] or resume_from_checkpoint == memo[0]
+                                 or (memo[1] is not None and resume_from_checkpoint == memo[1])):
+            return memo[1]
         run_dir = Path(self.args.output_dir)
         if self.args.should_save:
             clean_staging(run_dir)
         resume = resolve_resume(resume_from_checkpoint, run_dir)
+        self._resume_memo = (resume_from_checkpoint, resume)
+        return resume
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``Trainer.train`` after :meth:`find_resume` (staging leftovers removed; the checkpoint
+        verified before Hugging Face reads any file)."""
+        resume = self.find_resume(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)
 
@@ -449,7 +493,8 @@ class CrashSafeCheckpoints:
                 _drop_empty_staging(run_dir)
             last = newest_complete(run_dir)
             raise CheckpointError(
-                f"could not save the checkpoint of step {step} to {final} (staged in {staging}): {_describe_error(e)}. "
+                f"could not save the checkpoint of step {step} to {final} (staged in {staging}): "
+                f"{write_error_text(e, staging)}. "
                 f"The partial checkpoint was removed; the last good checkpoint is "
                 f"{last if last is not None else 'none (no complete checkpoint yet)'}. Free space or fix the error, "
                 f"then rerun with resume_from_checkpoint: true.") from e

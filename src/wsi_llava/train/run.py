@@ -5,8 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import yaml
@@ -18,6 +16,8 @@ from ..data.manifest import Record, load_manifest
 from ..data.prompts import PromptBuilder
 from ..data.slides import read_slide_meta
 from ..model.wsi_llava import WsiLlavaForConditionalGeneration, load_wsi_llava
+from . import final
+from .checkpoint import CheckpointError, checkpoint_step, load_checkpoint_weights, resume_requested, verify_checkpoint
 from .stages import load_projector, merge_lora, save_projector, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ def build_model(cfg: TrainConfig, feature_dim: int):
             # the architecture stored with the weights (exported stage-1 towers carry it); config overrides win
             encoder = load_tower(cfg.resolve(m.vision_tower), **m.vision_config)
             vision_config = encoder.config.to_dict()
+        if m.vision_mode == "wsi" and encoder is None:
+            logger.warning("vision_mode: wsi without vision_tower: the slide encoder starts from random weights%s",
+                           " and stays frozen" if m.freeze_vision_tower else "")
         if m.vision_mode == "wsi":
             vision_config.setdefault("in_dim", feature_dim)
             width = vision_config.get("embed_dim", 768)
@@ -125,25 +128,31 @@ def build_model(cfg: TrainConfig, feature_dim: int):
     return model, tokenizer
 
 
-def _save_final(trainer, model, tokenizer, cfg: TrainConfig, out_dir: Path) -> None:
-    """Write the trained model atomically: into a temporary folder, then each file renamed into place.
-    LoRA runs also keep the adapter in ``adapter/`` and are saved merged."""
-    tmp = out_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if hasattr(model.language_model, "peft_config"):
-        model.language_model.save_pretrained(tmp / "adapter")
-        merge_lora(model)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_projector(model, tmp / "projector.safetensors")
-    (tmp / "train_config.yaml").write_text(yaml.safe_dump(_config_dump(cfg), sort_keys=False), encoding="utf-8")
-    for item in tmp.iterdir():
-        dest = out_dir / item.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
-    tmp.rmdir()
+def _final_writer(model, tokenizer, cfg: TrainConfig, log_history: list[dict]):
+    """What the final save writes into its temporary folder: the model (LoRA runs also keep the adapter
+    in ``adapter/`` and are saved merged), tokenizer, projector, config, log history and loss plot."""
+    def write(tmp: Path) -> None:
+        if hasattr(model.language_model, "peft_config"):
+            model.language_model.save_pretrained(tmp / "adapter")
+            merge_lora(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_projector(model, tmp / "projector.safetensors")
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(_config_dump(cfg), sort_keys=False), encoding="utf-8")
+        (tmp / "log_history.json").write_text(json.dumps(log_history, indent=1), encoding="utf-8")
+        if cfg.finetuning.plot_loss:
+            plot_losses(log_history, tmp / "training_loss.png")
+    return write
+
+
+def save_final(model, tokenizer, cfg: TrainConfig, out_dir: Path, log_history: list[dict], step: int,
+               max_steps: int) -> None:
+    """Write the final model atomically (:func:`~wsi_llava.train.final.publish_final`), then the
+    completion marker ``run_complete.json`` (see :mod:`wsi_llava.train.final`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final.remove_marker(out_dir)
+    files = final.publish_final(out_dir, _final_writer(model, tokenizer, cfg, log_history))
+    final.write_marker(out_dir, step, max_steps, final.config_identity(_config_dump(cfg)), files)
 
 
 def _config_dump(cfg: TrainConfig) -> dict:
@@ -181,6 +190,13 @@ def run_sft(cfg: TrainConfig) -> Path:
     training = dict(cfg.training)
     out_dir = Path(cfg.resolve(training["output_dir"]))
     training["output_dir"] = str(out_dir)
+    identity = final.config_identity(_config_dump(cfg))
+    if resume_requested(training.get("resume_from_checkpoint")):
+        done = final.finished_run(out_dir, identity)
+        if done is not None:  # a finished run is final: nothing is read beyond the marker, nothing written
+            logger.info("run already complete: %s holds the final model of step %d (%s); nothing to do",
+                        out_dir, done["step"], final.MARKER_NAME)
+            return out_dir
     seed = int(training.get("seed", 42))
     set_seed(seed)
     train_records = load_records(resolve_datasets(cfg.data.dataset, cfg), cfg.data.split)
@@ -216,7 +232,7 @@ def run_sft(cfg: TrainConfig) -> Path:
     if not eval_ds:
         training["eval_strategy"] = "no"
         training["load_best_model_at_end"] = False
-    resume = training.pop("resume_from_checkpoint", None)  # true or a path; resolved by WsiTrainer.train
+    resume = training.pop("resume_from_checkpoint", None)  # true or a path; resolved by WsiTrainer.find_resume
     checkpoint_limit = training.pop("save_total_limit", None)  # rotation over complete checkpoints (WsiTrainer)
     if training.get("gradient_checkpointing"):
         training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
@@ -227,12 +243,52 @@ def run_sft(cfg: TrainConfig) -> Path:
                          data_collator=SlideCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                          callbacks=[EpochCallback(train_ds)], loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
                          do_sanity_check=cfg.finetuning.do_sanity_check, checkpoint_limit=checkpoint_limit)
-    trainer.train(resume_from_checkpoint=resume or None)
+    checkpoint = trainer.find_resume(resume)
+    if checkpoint is not None:
+        step = checkpoint_step(checkpoint)
+        max_steps = args.max_steps if args.max_steps > 0 else \
+            trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+        if step >= max_steps:  # nothing left to train: never resume into more steps
+            _finish_without_training(trainer, model, tokenizer, cfg, out_dir, Path(checkpoint), max_steps, identity)
+            return out_dir
     if trainer.is_world_process_zero():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _save_final(trainer, model, tokenizer, cfg, out_dir)
-        with open(out_dir / "log_history.json", "w", encoding="utf-8") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
-        if cfg.finetuning.plot_loss:
-            plot_losses(trainer.state.log_history, out_dir / "training_loss.png")
+        final.remove_marker(out_dir)  # the final model is about to change
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.is_world_process_zero():
+        save_final(model, tokenizer, cfg, out_dir, trainer.state.log_history, trainer.state.global_step,
+                   trainer.state.max_steps)
     return out_dir
+
+
+def _finish_without_training(trainer, model, tokenizer, cfg: TrainConfig, out_dir: Path, checkpoint: Path,
+                             max_steps: int, identity: dict) -> None:
+    """The newest checkpoint is the end of training (step >= ``max_steps``): nothing to do when the
+    final model is complete (valid marker of that step); else write it from the checkpoint, as the end
+    of training would have (the best checkpoint's weights with ``load_best_model_at_end``)."""
+    from transformers import TrainerState
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    step = checkpoint_step(checkpoint)
+    marker = final.read_marker(out_dir)
+    if marker is not None and int(marker["step"]) == step:
+        logger.info("run already complete: %s holds the final model of step %d; nothing left to train (max_steps "
+                    "%d; config changed since: %s); nothing to do", out_dir, step, max_steps,
+                    final.config_changes(marker.get("config", {}), identity) or "nothing that matters")
+        return
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    weights = checkpoint
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        best = Path(state.best_model_checkpoint)
+        for candidate in (best, checkpoint.parent / best.name):  # the run folder may have moved
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointError as e:
+                logger.warning("best checkpoint %s cannot be used (%s)", candidate, e)
+                continue
+            weights = candidate
+            break
+    logger.info("%s is the end of training (step %d of %d); writing the final model from %s without training",
+                checkpoint, step, max_steps, weights)
+    load_checkpoint_weights(model, weights)
+    if trainer.is_world_process_zero():
+        save_final(model, tokenizer, cfg, out_dir, state.log_history, step, max_steps)
