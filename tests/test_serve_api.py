@@ -24,6 +24,7 @@ from wsi_llava.serve.live import running
 from wsi_llava.serve.tiny import tiny_serving_cached
 
 MODEL = "tiny"
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def test_path_escapes_are_refused(server, tiny, slide, status):
 
 def test_error_format_for_bad_requests(server, tiny):
     url, _ = server
-    post = lambda body, **kw: httpx.post(url + "/v1/chat/completions", content=body, **kw)  # noqa: E731
+    post = lambda body, **kw: httpx.post(url + "/v1/chat/completions", content=body, headers=JSON, **kw)  # noqa: E731
     ok_messages = [{"role": "user", "content": "hi"}]
     _is_openai_error(post(b"{not json"), 400, "invalid_json")
     _is_openai_error(post(json.dumps({"model": "gpt-4", "messages": ok_messages, "slide": tiny.slide_ids[0]})), 404,
@@ -252,7 +253,8 @@ def test_oversize_requests_are_refused(server, client, tiny):
             yield b"y" * 1000
         yield b'"}]}'
 
-    _is_openai_error(httpx.post(url + "/v1/chat/completions", content=chunked()), 413, "request_too_large")
+    _is_openai_error(httpx.post(url + "/v1/chat/completions", content=chunked(), headers=JSON), 413,
+                     "request_too_large")
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=_ask(tiny.slide_ids[0], "hi"), max_tokens=10_000)
     assert err.value.body["param"] == "max_tokens"

@@ -10,13 +10,17 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <key>`` when a key is co
 * ``GET /health`` (no auth), ``GET /`` and ``/static/*`` (the web viewer, no auth).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}``; unexpected exceptions are logged
-and answered 500 without details.
+and answered 500 without details. Without an API key, requests must carry an allowed ``Host`` (DNS
+rebinding) and POSTs ``Content-Type: application/json`` (blind cross-origin form posts)
+(:class:`RequestGuard`). Slide files are read off the event loop with a per-file timeout
+(:class:`~wsi_llava.serve.slide_reader.SlideReader`); a client that disconnects cancels its request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import logging
 import os
@@ -33,10 +37,11 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.prompts import PromptBuilder, PromptError
-from ..data.slides import Slide, SlideError
+from ..data.slides import Slide, SlideError, load_slide
 from ..infer.engine import SlideAssistant
 from .batching import BatchQueue, BatchWorker, Job, QueueFull
 from .caches import LRUCache
@@ -45,6 +50,7 @@ from .errors import ApiError, internal_error
 from .generation import Row, RowResult, VisualEncoder, generate_rows
 from .schema import ChatRequest, parse_chat_request
 from .security import SlideRef, bearer_ok, list_slides, real_root, resolve_slide
+from .slide_reader import SlideReader, SlideReaderCrashed, SlideReadTimeout
 
 log = logging.getLogger("wsi_llava.serve")
 
@@ -116,15 +122,116 @@ async def read_json(request: Request, limit: int) -> object:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks))
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({type(e).__name__})", code="invalid_json") from None
+    check_unicode(body)
+    return body
+
+
+def _valid_text(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_unicode(body: object) -> None:
+    """ApiError 400 ``invalid_unicode`` when a string (or key) of the decoded JSON holds an unpaired
+    UTF-16 surrogate (JSON ``"\\ud800"`` decodes to one, but it is not text: it cannot be encoded,
+    tokenised or answered); ``param`` names where."""
+    stack: list[tuple[object, str]] = [(body, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not _valid_text(value):
+                raise ApiError(400, f"{where or 'the request body'} is not valid Unicode text (it holds an unpaired "
+                               "UTF-16 surrogate, e.g. \\ud800)", code="invalid_unicode", param=where or None)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if not _valid_text(str(k)):
+                    raise ApiError(400, f"a key in {where or 'the request body'} is not valid Unicode text (it holds "
+                                   "an unpaired UTF-16 surrogate)", code="invalid_unicode", param=where or None)
+                stack.append((v, f"{where}.{k}" if where else str(k)))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def default_allowed_hosts(bound: str) -> tuple[str, ...]:
+    """``localhost``, ``127.0.0.1``, ``[::1]`` and the bound host (unless it is a wildcard address)."""
+    hosts = ["localhost", "127.0.0.1", "[::1]"]
+    bound = bound.strip().lower()
+    if bound and bound not in ("0.0.0.0", "::", "[::]"):
+        hosts.append(f"[{bound}]" if ":" in bound and not bound.startswith("[") else bound)
+    return tuple(dict.fromkeys(hosts))
+
+
+def host_name(header: str | None) -> str | None:
+    """The host of a ``Host`` header without the port, lower case (``[::1]:8000`` → ``[::1]``)."""
+    if not header:
+        return None
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        return header[: end + 1] if end > 0 else None
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class RequestGuard:
+    """ASGI middleware: ``Host`` must be in ``allowed_hosts`` (None: no check; ``*``: any), and with
+    ``json_only`` every POST/PUT/PATCH must say ``Content-Type: application/json``. Refusals are
+    OpenAI-shaped errors: 403 ``host_not_allowed``, 415 ``unsupported_media_type``."""
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...] | None, json_only: bool):
+        self.app = app
+        self.allowed = None if allowed_hosts is None or "*" in allowed_hosts else frozenset(allowed_hosts)
+        self.json_only = json_only
+
+    def problem(self, method: str, headers: Headers) -> ApiError | None:
+        if self.allowed is not None:
+            host = host_name(headers.get("host"))
+            if host not in self.allowed:
+                return ApiError(403, f"Host {(headers.get('host') or '')[:100]!r} is not served here (allowed: "
+                                f"{', '.join(sorted(self.allowed))}; see --allowed-hosts)", code="host_not_allowed")
+        if self.json_only and method in ("POST", "PUT", "PATCH"):
+            media = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                return ApiError(415, f"Content-Type must be application/json, got {media[:100] or 'none'!r}",
+                                code="unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            err = self.problem(scope["method"], Headers(scope=scope))
+            if err is not None:
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (call after the body was read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def file_loader(assistant: SlideAssistant):
+    """``path -> Slide`` as :meth:`SlideAssistant.load` reads slide files, picklable (for worker processes)."""
+    cfg = assistant.model.config
+    return functools.partial(load_slide, patches_per_wsi=assistant.patches_per_wsi, rng=None,
+                             expected_dim=cfg.vision_config.get("in_dim", cfg.mm_hidden_size))
 
 
 class SlideServer:
     """What a running server holds: the model, the caches, the request queue and its worker."""
 
-    def __init__(self, config: ServeConfig, assistant: SlideAssistant | None = None):
+    def __init__(self, config: ServeConfig, assistant: SlideAssistant | None = None,
+                 slide_loader=None):
         self.config = config
         self.root = real_root(config.slides_root)
         self.assistant = assistant or SlideAssistant.from_pretrained(config.model)
@@ -137,6 +244,15 @@ class SlideServer:
         self.prompt_tokenizer = copy.deepcopy(tok)
         self.slides: LRUCache[Slide] = LRUCache(config.slide_cache_items, config.slide_cache_bytes,
                                                 lambda s: s.features.nbytes + s.coords.nbytes)
+        #: reads slide files off the event loop, each bounded by ``slide_timeout``
+        self.reader = SlideReader(slide_loader or file_loader(self.assistant), config.slide_readers,
+                                  config.slide_timeout, config.slide_reader)
+        self._loading: dict[tuple, asyncio.Future] = {}
+        self._timed_out: dict[tuple, float] = {}
+        self.abandoned = 0
+        """Requests whose client disconnected before the answer (their generation was cancelled)."""
+        self.rows_cancelled = 0
+        """Queued or running rows stopped because their request was cancelled (disconnect, timeout)."""
         self.encoder = VisualEncoder(self.assistant.model,
                                      LRUCache(config.visual_cache_items, config.visual_cache_bytes, lambda v: v.nbytes()))
         self.queue = BatchQueue(config.queue_size)
@@ -150,22 +266,50 @@ class SlideServer:
     def _public(self, message: str, ref: SlideRef) -> str:
         return message.replace(ref.path, ref.id).replace(self.root, "<slides-root>")
 
-    def load_slide(self, ref: SlideRef) -> tuple[Slide, tuple]:
-        """The slide's sampled tiles (cached per file version) and its cache key."""
+    async def load_slide(self, ref: SlideRef) -> tuple[Slide, tuple]:
+        """The slide's sampled tiles (cached per file version) and its cache key. The file is read by
+        :attr:`reader` (off the event loop, bounded by ``slide_timeout``); concurrent requests for the
+        same file share one read; a file whose read timed out is refused for ``slide_timeout`` seconds."""
         try:
-            st = os.stat(ref.path)
+            st = await asyncio.to_thread(os.stat, ref.path)
         except OSError:
             raise ApiError(404, f"slide {ref.id!r} not found", code="slide_not_found", param="slide") from None
         key = (ref.path, st.st_mtime_ns, st.st_size)
         slide = self.slides.get(key)
-        if slide is None:
-            try:
-                slide = self.assistant.load(ref.path)
-            except SlideError as e:
-                raise ApiError(400, f"slide {ref.id!r} cannot be used: {self._public(str(e), ref)}",
-                               code="invalid_slide_file", param="slide") from None
-            self.slides.put(key, slide)
-        return slide, key
+        if slide is not None:
+            return slide, key
+        until = self._timed_out.get(key)
+        if until is not None and time.monotonic() < until:
+            raise self._timeout_error(ref, again=True)
+        future = self._loading.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._read(ref, key))
+            self._loading[key] = future
+            future.add_done_callback(lambda f: (self._loading.pop(key, None), f.cancelled() or f.exception()))
+        return await asyncio.shield(future), key
+
+    def _timeout_error(self, ref: SlideRef, again: bool = False) -> ApiError:
+        t = self.config.slide_timeout
+        return ApiError(504, f"reading slide {ref.id!r} took longer than {t:g} s" +
+                        (f" recently; it is not tried again for {t:g} s" if again else "; the read was abandoned"),
+                        code="slide_timeout", param="slide")
+
+    async def _read(self, ref: SlideRef, key: tuple) -> Slide:
+        try:
+            slide = await self.reader.read(ref.path)
+        except SlideError as e:
+            raise ApiError(400, f"slide {ref.id!r} cannot be used: {self._public(str(e), ref)}",
+                           code="invalid_slide_file", param="slide") from None
+        except SlideReadTimeout:
+            self._timed_out[key] = time.monotonic() + self.config.slide_timeout
+            for k in [k for k, until in self._timed_out.items() if until < time.monotonic()]:
+                del self._timed_out[k]
+            raise self._timeout_error(ref) from None
+        except SlideReaderCrashed:
+            raise ApiError(400, f"slide {ref.id!r} cannot be used: reading it crashed the reader process (the file is "
+                           "probably damaged)", code="invalid_slide_file", param="slide") from None
+        self.slides.put(key, slide)
+        return slide
 
     def builder(self, system: str | None) -> PromptBuilder:
         """The prompt builder for a system prompt (None: the model's own)."""
@@ -188,6 +332,7 @@ class SlideServer:
         live, visuals = [], []
         for job in jobs:
             if job.cancelled.is_set():
+                self.rows_cancelled += 1
                 job.emit("error", ApiError(504, "cancelled", code="cancelled"))
                 continue
             try:
@@ -200,11 +345,13 @@ class SlideServer:
             return
         results = generate_rows(self.assistant.model, self.assistant.tokenizer, [j.payload for j in live], visuals)
         for job, res in zip(live, results):
+            self.rows_cancelled += res.finish_reason == "cancelled"
             job.emit("done", res)
 
     def stats(self) -> dict:
-        return {"worker": self.worker.stats(), "slide_cache": self.slides.stats(),
-                "visual_cache": self.encoder.cache.stats()}
+        return {"worker": {**self.worker.stats(), "abandoned": self.abandoned, "rows_cancelled": self.rows_cancelled},
+                "slide_cache": self.slides.stats(), "visual_cache": self.encoder.cache.stats(),
+                "slide_reader": self.reader.stats()}
 
 
 # ------------------------------------------------------------------------------------ responses
@@ -243,9 +390,11 @@ def _sse(obj: dict | str) -> bytes:
 # ------------------------------------------------------------------------------------ the app
 
 
-def create_app(config: ServeConfig, assistant: SlideAssistant | None = None) -> FastAPI:
-    """Build the app (loads the model now); the batch worker runs while the app's lifespan does."""
-    server = SlideServer(config, assistant)
+def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, slide_loader=None) -> FastAPI:
+    """Build the app (loads the model now); the batch worker runs while the app's lifespan does.
+    ``slide_loader``: ``path -> Slide`` instead of the model's own (picklable for ``slide_reader:
+    process``)."""
+    server = SlideServer(config, assistant, slide_loader)
     static = {name: (resources.files("wsi_llava") / "static" / name).read_bytes() for name in STATIC_FILES}
 
     @asynccontextmanager
@@ -255,9 +404,14 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None) -> 
             yield
         finally:
             await asyncio.to_thread(server.worker.stop)
+            await asyncio.to_thread(server.reader.close)
 
     app = FastAPI(title="WSI-LLaVA", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    guarded = config.allowed_hosts is not None or not config.api_key
+    app.state.allowed_hosts = (config.allowed_hosts if config.allowed_hosts is not None
+                               else default_allowed_hosts(config.host)) if guarded else None
+    app.add_middleware(RequestGuard, allowed_hosts=app.state.allowed_hosts, json_only=not config.api_key)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -323,15 +477,24 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None) -> 
         return model_card()
 
     # -- slides ----------------------------------------------------------------------------------
+    def listing() -> tuple[list[dict], bool]:
+        refs, truncated = list_slides(server.root, config.max_listed_slides)
+        data = []
+        for r in refs:
+            try:
+                data.append({"id": r.id, "object": "slide", "bytes": os.path.getsize(r.path)})
+            except OSError:
+                continue  # removed meanwhile
+        return data, truncated
+
     @v1.get("/slides")
     async def slides():
-        refs, truncated = await asyncio.to_thread(list_slides, server.root, config.max_listed_slides)
-        return {"object": "list", "truncated": truncated,
-                "data": [{"id": r.id, "object": "slide", "bytes": os.path.getsize(r.path)} for r in refs]}
+        data, truncated = await asyncio.to_thread(listing)
+        return {"object": "list", "truncated": truncated, "data": data}
 
     async def loaded(ref_text: str) -> tuple[SlideRef, Slide, tuple]:
-        ref = resolve_slide(server.root, ref_text)
-        slide, key = await asyncio.to_thread(server.load_slide, ref)
+        ref = await asyncio.to_thread(resolve_slide, server.root, ref_text)
+        slide, key = await server.load_slide(ref)
         return ref, slide, key
 
     @v1.get("/slides/{ref:path}/tiles")
@@ -396,17 +559,29 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None) -> 
             return await asyncio.wait_for(events.get(), remaining)
 
         if not req.stream:
-            try:
+            async def answer() -> dict:
                 while True:
                     kind, value = await next_event()
                     if kind == "done":
                         return _completion(server, cid, created, req, ref, slide, value)
                     if kind == "error":
                         raise value
+
+            waiter = asyncio.ensure_future(answer())
+            watcher = asyncio.ensure_future(client_gone(request))
+            try:
+                done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter in done:
+                    return waiter.result()
+                server.abandoned += 1  # nobody is waiting for this answer: stop generating it
+                log.info("client of %s disconnected; its generation was cancelled", cid)
+                return Response(status_code=499)
             except asyncio.TimeoutError:
                 raise timeout_error from None
             finally:
                 cancelled.set()
+                waiter.cancel()
+                watcher.cancel()
 
         def chunk(delta: dict, finish_reason: str | None = None, **extra) -> bytes:
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,

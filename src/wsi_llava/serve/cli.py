@@ -40,6 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--visual-cache", type=int, default=d.visual_cache_items,
                         help="per-slide visual encodings kept (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for generation (default: torch's)")
+    parser.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST…]",
+                        help="Host header names to answer ('*' = any); default without an API key: localhost, "
+                             "127.0.0.1, [::1] and --host (blocks DNS rebinding)")
+    parser.add_argument("--slide-timeout", type=float, default=d.slide_timeout,
+                        help="seconds one slide file read may take (default: %(default)s)")
+    parser.add_argument("--slide-readers", type=int, default=d.slide_readers,
+                        help="slide reads at a time (default: %(default)s)")
+    parser.add_argument("--slide-reader", choices=["process", "thread"], default=d.slide_reader,
+                        help="read slides in worker processes (killed at the timeout) or threads (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -52,7 +61,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, slide_cache_items=args.slide_cache,
         slide_cache_bytes=args.slide_cache_mb * 2**20, visual_cache_items=args.visual_cache,
-        torch_threads=args.threads)
+        torch_threads=args.threads, slide_timeout=args.slide_timeout, slide_readers=args.slide_readers,
+        slide_reader=args.slide_reader,
+        allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts is not None else None)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,6 +81,9 @@ def main(args: argparse.Namespace) -> int:
     if not is_loopback(config.host) and not config.api_key:
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use "
               f"the model and read slide tiles; set {API_KEY_ENV} or --api-key", file=sys.stderr)
+        if config.allowed_hosts is None:
+            print(f"note: without an API key only requests with Host {', '.join(app.state.allowed_hosts)} are "
+                  "answered; add the names clients use with --allowed-hosts", file=sys.stderr)
     print(f"serving {app.state.server.model_name!r} on http://{config.host}:{config.port}/ "
           f"(viewer at /, API at /v1; auth {'on' if config.api_key else 'off'})", file=sys.stderr)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, server_header=False)

@@ -51,6 +51,17 @@ class ServeConfig:
     machines run faster on 1."""
     max_listed_slides: int = 10_000
     """Most entries ``GET /v1/slides`` returns (the answer says when it is truncated)."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host names (``Host`` header, port ignored) the server answers; ``*`` = any. None: ``localhost``,
+    ``127.0.0.1``, ``[::1]`` and the bound host, enforced only without an API key (against DNS
+    rebinding); given explicitly, always enforced."""
+    slide_timeout: float = 30.0
+    """Seconds one slide file read may take (and may wait for a free reader); then 504 ``slide_timeout``."""
+    slide_readers: int = 2
+    """Slide reads running at a time (worker processes or threads)."""
+    slide_reader: str = "process"
+    """``process``: reads in worker processes, killed at the timeout (a read stuck inside HDF5 holds
+    the GIL and would freeze a threaded server); ``thread``: a thread pool."""
 
     def __post_init__(self):
         for name in ("max_batch", "queue_size", "max_body_bytes", "max_tokens_limit", "default_max_tokens",
@@ -59,4 +70,11 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.slide_timeout <= 0 or self.slide_readers < 1:
+            raise ValueError(f"slide_timeout must be > 0 and slide_readers >= 1, got {self.slide_timeout}, "
+                             f"{self.slide_readers}")
+        if self.slide_reader not in ("process", "thread"):
+            raise ValueError(f"slide_reader must be 'process' or 'thread', got {self.slide_reader!r}")
+        if self.allowed_hosts is not None:
+            self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens_limit)
