@@ -144,6 +144,9 @@ class FinetuningArguments:
     """At each evaluation also log ``eval_sanity_check_loss``: the eval loss with zeroed slide features."""
     plot_loss: bool = False
     """Write ``training_loss.png`` to the output folder at the end."""
+    force_precision: bool = False
+    """``bf16``/``fp16`` mean "where this machine runs them fast" (a CPU without native bf16 trains in
+    float32, with one log line why; see :mod:`wsi_llava.precision`). True: use them as asked."""
 
 
 @dataclass

@@ -24,10 +24,21 @@ from pathlib import Path
 import numpy as np
 
 from ..data.subset import add_subset_arguments, select
-from .metrics import EvalConfig, EvalInputError, evaluate_items_with_scores, prepare_items
-from .judge import JudgeConfig
+from ..precision import add_precision_arguments
 from .circular import circular_metrics, rotate_records
-from .report import baselines_summary, summary_table, write_baselines_outputs, write_outputs
+from .judge import JudgeConfig
+from .metrics import (
+    EvalConfig,
+    EvalInputError,
+    evaluate_items_with_scores,
+    prepare_items,
+)
+from .report import (
+    baselines_summary,
+    summary_table,
+    write_baselines_outputs,
+    write_outputs,
+)
 
 
 def load_prediction_rows(path: str | os.PathLike) -> list[dict]:
@@ -126,6 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "report the drop (image-reliance check); repeatable")
     parser.add_argument("--batch-size", type=int, default=8, help="with --model: rows generated together")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="with --model: longest answer in tokens")
+    add_precision_arguments(parser, device=True)
     parser.add_argument("--data", metavar="FILE", nargs="+",
                         help="the manifest the predictions came from: fills category/dataset, lists rows with no "
                              "prediction; with --baselines-only: one or more question files")
@@ -274,7 +286,8 @@ def judge_from_args(args: argparse.Namespace) -> JudgeConfig | None:
 
 def predict_for_eval(model: str, data: str, out: str, split: str | None, ablations: Sequence[str],
                      batch_size: int = 8, max_new_tokens: int = 256, *, categories: Sequence[str] | None = None,
-                     limit: int | None = None, circular: bool = False) -> tuple[str, dict[str, str], dict[int, str]]:
+                     limit: int | None = None, circular: bool = False, device: str = "auto",
+                     precision: str = "auto", force_precision: bool = False) -> tuple[str, dict[str, str], dict[int, str]]:
     """Run ``predict`` for ``eval --model``: OUT/predictions.jsonl, OUT/predictions_{ablation}.jsonl and,
     with ``circular``, OUT/predictions_rotation{r}.jsonl (each resumable). Returns the main file,
     ``{ablation: file}`` and ``{rotation: file}``."""
@@ -282,7 +295,8 @@ def predict_for_eval(model: str, data: str, out: str, split: str | None, ablatio
     from ..infer.engine import GenerationSettings, SlideAssistant
     from ..infer.predict import predict
 
-    assistant = SlideAssistant.from_pretrained(model)
+    assistant = SlideAssistant.from_pretrained(model, device=device, precision=precision,
+                                               force_precision=force_precision)
     records = select(load_manifest(data, split=split), categories, limit)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     folder = Path(out)
@@ -327,7 +341,8 @@ def main(args: argparse.Namespace) -> int:
                 raise EvalInputError("--model needs --data (the manifest to answer)")
             predictions, ablated, rotations = predict_for_eval(
                 args.model, data, args.out, args.split, args.ablate, args.batch_size, args.max_new_tokens,
-                categories=args.category, limit=args.limit, circular=args.circular)
+                categories=args.category, limit=args.limit, circular=args.circular, device=args.device,
+                precision=args.precision, force_precision=args.force_precision)
             compare.update({f"ablate_{k}": v for k, v in ablated.items()})
         elif args.ablate:
             raise EvalInputError("--ablate needs --model (use --compare NAME=JSONL for existing predictions)")
@@ -336,7 +351,7 @@ def main(args: argparse.Namespace) -> int:
         run(predictions, args.out, config, data=data, split=args.split, compare=compare,
             judge=judge_from_args(args), categories=args.category, limit=args.limit, circular=rotations,
             fit_data=args.fit_data)
-    except (ValueError, FileNotFoundError) as e:  # EvalInputError, ManifestError (--data)
+    except (ValueError, FileNotFoundError) as e:  # EvalInputError, ManifestError (--data): a user error
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0

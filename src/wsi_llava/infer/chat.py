@@ -10,11 +10,13 @@ import json
 import sys
 from pathlib import Path
 
+from ..precision import add_precision_arguments
 from .engine import GenerationSettings, SlideAssistant
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
+    add_precision_arguments(parser, device=True)
     parser.add_argument("--slide", required=True, help="slide H5 file (features + coords)")
     parser.add_argument("--question", help="ask one question and exit; without it, a multi-turn session on stdin")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
@@ -30,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.slide_id and not args.tower_cache:
         raise SystemExit("--slide-id only applies with --tower-cache")
-    assistant = SlideAssistant.from_pretrained(args.model, tower_cache=args.tower_cache)
+    assistant = SlideAssistant.from_pretrained(args.model, tower_cache=args.tower_cache, device=args.device,
+                                               precision=args.precision, force_precision=args.force_precision)
     slide_id = (args.slide_id or Path(args.slide).stem) if args.tower_cache else None
     slide = assistant.load(args.slide, slide_id=slide_id)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)

@@ -14,6 +14,7 @@ Output H5: ``embeddings`` [S, D] float32; ``slide_id``, ``h5_path``, ``case_id``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..data.collate import pad_tiles
 from ..data.manifest import Record, load_manifest
 from ..data.slides import SlideError, load_slide
 from ..model.slide_encoder import SlideEncoder
+from ..precision import Precision, add_precision_arguments, resolve_precision
 
 STRING_COLUMNS = ("slide_id", "h5_path", "case_id", "split", "dataset")
 
@@ -45,9 +47,12 @@ def unique_slides(records: list[Record]) -> list[Record]:
 @torch.no_grad()
 def embed_slides(encoder: SlideEncoder, slides: list[Record], patches_per_wsi: int | None = None, pool: str = "cls",
                  batch_size: int = 1, device: str | torch.device = "cpu",
-                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings [S, D] float32 and tiles used [S] for ``slides`` (one record each), in order."""
+                 progress: bool = True, precision: Precision | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [S, D] float32 and tiles used [S] for ``slides`` (one record each), in order.
+    ``precision``: half precision runs the encoder under autocast."""
     encoder = encoder.to(device).eval()
+    half = precision is not None and precision.is_half
+    autocast = torch.autocast(torch.device(device).type, dtype=precision.dtype) if half else contextlib.nullcontext()
     dim = encoder.config.in_dim
     out = np.zeros((len(slides), encoder.hidden_size), dtype=np.float32)
     n_tiles = np.zeros(len(slides), dtype=np.int64)
@@ -63,7 +68,8 @@ def embed_slides(encoder: SlideEncoder, slides: list[Record], patches_per_wsi: i
                 feats.append(torch.from_numpy(s.features))
                 coords.append(torch.from_numpy(s.coords))
             f, c, m = pad_tiles(feats, coords)
-            res = encoder(f.to(device), c.to(device), m.to(device))
+            with autocast:
+                res = encoder(f.to(device), c.to(device), m.to(device))
             emb = encoder.embed_slide(res, pool).float().cpu().numpy()
             out[start:start + len(chunk)] = emb
             n_tiles[start:start + len(chunk)] = [len(x) for x in feats]
@@ -109,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiles per slide, deterministic sample (default 0 = every tile)")
     parser.add_argument("--batch-size", type=int, default=1, help="slides encoded together (padded)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    add_precision_arguments(parser)
     parser.add_argument("--vision-config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="SlideEncoderConfig fields the weights do not store (e.g. num_heads=16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -125,8 +132,9 @@ def main(args: argparse.Namespace) -> int:
     slides = unique_slides(load_manifest(args.data, split=args.split))
     if not slides:
         raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
+    precision = resolve_precision(args.precision, device, force=args.force_precision)
     emb, n_tiles = embed_slides(encoder, slides, args.patches_per_wsi or None, args.pool, args.batch_size, device,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, precision=precision)
     attrs = {"pool": args.pool, "vision_tower": str(args.vision_tower), "patches_per_wsi": int(args.patches_per_wsi),
              "slide_encoder_config": json.dumps(encoder.config.to_dict())}
     write_embeddings(args.out, slides, emb, n_tiles, attrs)

@@ -24,8 +24,22 @@ import torch
 from tqdm import tqdm
 
 from ..data.manifest import Record, load_manifest
-from ..data.slides import COORD_KEYS, SlideError, load_slide, open_slide, read_slide_meta, slide_dataset
-from ..data.tower_cache import TowerCache, TowerCacheError, TowerIdentity, tower_identity, write_cache_file
+from ..data.slides import (
+    COORD_KEYS,
+    SlideError,
+    load_slide,
+    open_slide,
+    read_slide_meta,
+    slide_dataset,
+)
+from ..data.tower_cache import (
+    TowerCache,
+    TowerCacheError,
+    TowerIdentity,
+    tower_identity,
+    write_cache_file,
+)
+from ..precision import Precision, add_precision_arguments, resolve_precision
 from .embed import unique_slides
 
 
@@ -47,16 +61,17 @@ def file_order(path: str, spatial_coords: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def encode_slide(encoder, path: str, select_layer: int = -1, device: str | torch.device = "cpu",
-                 bf16: bool = False) -> dict[str, np.ndarray]:
+                 precision: Precision | None = None) -> dict[str, np.ndarray]:
     """Run the tower over every tile of one slide → arrays in **source-row order**: tokens [N, D] (layer
     ``select_layer``: -1 = final normalised tokens, else ``hidden_states[select_layer]``), cls_token [D],
-    cls_attention [N], keys [N, D], coords [N, 2] (x, y)."""
+    cls_attention [N], keys [N, D], coords [N, 2] (x, y). ``precision``: half precision runs under autocast."""
     slide = load_slide(path, None, rng=None, expected_dim=encoder.config.in_dim)
     order = file_order(path, slide.coords)
     device = torch.device(device)
     feats = torch.from_numpy(slide.features)[None].to(device)
     coords = torch.from_numpy(slide.coords)[None].to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    half = precision is not None and precision.is_half
+    autocast = torch.autocast(device.type, dtype=precision.dtype) if half else contextlib.nullcontext()
     with autocast:
         out = encoder(feats, coords, None, output_hidden_states=select_layer != -1)
     tokens = (out.tokens if select_layer == -1 else out.hidden_states[select_layer])[0].float()
@@ -84,7 +99,7 @@ def _is_current(cache: TowerCache, r: Record) -> bool:
 
 
 def build_tower_cache(encoder, slides: list[Record], out_dir: str | os.PathLike, select_layer: int = -1,
-                      device: str | torch.device = "cpu", bf16: bool = False, vision_tower: str = "",
+                      device: str | torch.device = "cpu", precision: Precision | None = None, vision_tower: str = "",
                       progress: bool = True, identity: TowerIdentity | None = None) -> dict[str, int]:
     """Encode every slide of ``slides`` (one record per slide) not yet cached by this tower into ``out_dir``.
 
@@ -105,12 +120,12 @@ def build_tower_cache(encoder, slides: list[Record], out_dir: str | os.PathLike,
                 continue
             existed = target.exists()
             try:
-                arrays = encode_slide(encoder, r.h5_path, select_layer, device, bf16)
+                arrays = encode_slide(encoder, r.h5_path, select_layer, device, precision)
             except SlideError as e:
                 raise SlideError(f"{r.where} [h5_path]: {e}") from e
             attrs = {"tower_sha256": identity.sha256, "tower_config": identity.config,
                      "select_layer": identity.select_layer, "source_h5": str(r.h5_path), "slide_id": r.slide_id,
-                     "vision_tower": str(vision_tower), "precision": "bf16" if bf16 else "fp32"}
+                     "vision_tower": str(vision_tower), "precision": precision.name if precision else "fp32"}
             write_cache_file(target, attrs=attrs, **arrays)
             counts["replaced" if existed else "encoded"] += 1
             bar.update(1)
@@ -127,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tower state to cache, as the model's mm_vision_select_layer (-1 = final tokens)")
     parser.add_argument("--split", help="only rows with this split value")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    parser.add_argument("--bf16", action="store_true", help="run the tower under bfloat16 autocast (GPU)")
+    add_precision_arguments(parser)
     parser.add_argument("--vision-config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="SlideEncoderConfig fields the weights do not store (e.g. num_heads=16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -142,7 +157,8 @@ def main(args: argparse.Namespace) -> int:
     slides = unique_slides(load_manifest(args.data, split=args.split))
     if not slides:
         raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
-    counts = build_tower_cache(encoder, slides, args.out, args.select_layer, device, args.bf16,
+    precision = resolve_precision(args.precision, device, force=args.force_precision)
+    counts = build_tower_cache(encoder, slides, args.out, args.select_layer, device, precision,
                                vision_tower=str(args.vision_tower), progress=not args.no_progress)
     print(f"{counts['encoded']} encoded, {counts['skipped']} already cached, {counts['replaced']} replaced "
           f"-> {args.out} (select layer {args.select_layer})")

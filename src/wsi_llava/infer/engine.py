@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ..data.prompts import PromptBuilder
 from ..data.slides import Slide, load_slide, read_slide_meta
 from ..data.tower_cache import CACHED_KEYS, CachedSlide
 from ..model.wsi_llava import load_wsi_llava
+from ..precision import Precision, resolve_precision
 
 
 @dataclass
@@ -47,12 +49,14 @@ class SlideAssistant:
     """A loaded model + tokenizer + prompt builder. ``answer`` handles a batch of (slide, question)."""
 
     def __init__(self, model, tokenizer, patches_per_wsi: int = 2048, system_prompt: str | None = "default",
-                 cutoff_len: int = 8192, tower_cache: str | Path | None = None):
+                 cutoff_len: int = 8192, tower_cache: str | Path | None = None, precision: Precision | None = None):
         """``tower_cache``: a folder written by ``wsi-llava encode`` with the model's tower; slides are then
-        read from it by ``slide_id`` (``load(path, slide_id=...)``) and the tower is not run."""
+        read from it by ``slide_id`` (``load(path, slide_id=...)``) and the tower is not run.
+        ``precision``: half precision runs the model under autocast (weights stay float32); None = float32."""
         from ..data.prompts import DEFAULT_SYSTEM_PROMPT
 
         self.model = model.eval()
+        self.precision = precision or resolve_precision("fp32")
         self.tokenizer = tokenizer
         self.patches_per_wsi = patches_per_wsi
         if system_prompt == "default":
@@ -66,9 +70,14 @@ class SlideAssistant:
             self.tower_cache = cache_for_model(tower_cache, model)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "SlideAssistant":
-        """Load a saved model folder."""
+    def from_pretrained(cls, path: str | Path, device: str = "auto", precision: str = "auto",
+                        force_precision: bool = False, **kwargs) -> "SlideAssistant":
+        """Load a saved model folder onto ``device`` (auto: cuda if available) to run in ``precision``
+        (one of :data:`~wsi_llava.precision.PRECISIONS`, decided by :func:`~wsi_llava.precision.resolve_precision`)."""
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        kwargs.setdefault("precision", resolve_precision(precision, device, force=force_precision))
         model, tokenizer = load_wsi_llava(path)
+        model = model.to(device)
         saved = Path(path) / "train_config.yaml"
         if saved.exists():
             import yaml
@@ -116,10 +125,11 @@ class SlideAssistant:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         # the slides are encoded once: the same visual output feeds generation and the explanation
         cached = {k: batch[k] for k in CACHED_KEYS if k in batch}
-        embeds, visual = self.model.prompt_embeds(batch["input_ids"], batch["features"], batch["coords"],
-                                                  batch["tile_mask"], batch["question_mask"], **cached)
-        out = self.model.language_model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                                 **gen_kwargs)  # returns the new tokens only
+        with self.autocast():
+            embeds, visual = self.model.prompt_embeds(batch["input_ids"], batch["features"], batch["coords"],
+                                                      batch["tile_mask"], batch["question_mask"], **cached)
+            out = self.model.language_model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                                     **gen_kwargs)  # returns the new tokens only
         selection = visual.selection if explain else None
         answers = []
         for i, seq in enumerate(out.tolist()):
@@ -139,11 +149,18 @@ class SlideAssistant:
             answers.append(ans)
         return answers
 
+    def autocast(self):
+        """The context the model runs in: autocast to the half precision chosen, else nothing."""
+        if not self.precision.is_half:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.precision.dtype)
+
     def explain(self, batch: dict):
         """Which tiles the selector keeps for this batch (indices [B, K], scores [B, N] or None)."""
         cached = {k: batch[k] for k in CACHED_KEYS if k in batch}
-        return self.model.prompt_embeds(batch["input_ids"], batch["features"], batch["coords"], batch["tile_mask"],
-                                        batch["question_mask"], **cached)[1].selection
+        with self.autocast():
+            return self.model.prompt_embeds(batch["input_ids"], batch["features"], batch["coords"],
+                                            batch["tile_mask"], batch["question_mask"], **cached)[1].selection
 
 
 def zeros_like_slide(slide: Slide) -> Slide:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..precision import add_precision_arguments
+
 #: What each selector's score means (colour-bar label); other selectors: "selector score".
 SCORE_LABELS = {
     "prumerge": "CLS attention (tower's last block)",
@@ -317,6 +319,7 @@ def draw_heatmap(sel: TileSelection, out: str | Path, image: str | Path | None =
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
+    add_precision_arguments(parser, device=True)
     parser.add_argument("--slide", required=True, help="slide H5 file (features + coords)")
     parser.add_argument("--question", help="question the selection is for (matters for prompt_topk; "
                                            "default: the standard report prompt)")
@@ -339,7 +342,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.patch_size is not None and args.patch_size < 1:
         raise SystemExit(f"--patch-size must be >= 1, got {args.patch_size}")
-    assistant = SlideAssistant.from_pretrained(args.model)
+    assistant = SlideAssistant.from_pretrained(args.model, device=args.device, precision=args.precision,
+                                               force_precision=args.force_precision)
     slide = assistant.load(args.slide)
     sel = select_tiles(assistant, slide, args.question, args.patch_size)
     draw_heatmap(sel, args.out, image=args.image, slide_size=args.slide_size, downsample=args.downsample,

@@ -19,12 +19,14 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from ..data.manifest import Record, choice_letter, load_manifest
 from ..data.prompts import record_turn
 from ..data.slides import SlideError
 from ..data.subset import add_subset_arguments, select
+from ..precision import add_precision_arguments
 from .engine import GenerationSettings, SlideAssistant, zeros_like_slide
 
 ABLATIONS = ("none", "zero", "shuffle")
@@ -101,12 +103,19 @@ def reference_of(record: Record) -> str:
     return record.caption if record.kind == "report" else record.answer
 
 
-def shuffle_partner(slide_ids: list[str]) -> dict[str, str]:
-    """Each slide id → another slide id (a fixed cyclic derangement over the sorted unique ids)."""
+def shuffle_partner(slide_ids: list[str], seed: int = 0) -> dict[str, str]:
+    """Each slide id → another slide id: a seeded random cyclic permutation of the sorted unique ids
+    (Sattolo's shuffle, so no slide keeps its own features). Random rather than "the next id", so the
+    partner's label is unrelated to the slide's even when ids follow the labels (as in synthetic cohorts)."""
     uniq = sorted(set(slide_ids))
     if len(uniq) < 2:
         raise ValueError("--ablate shuffle needs at least two different slides")
-    return {s: uniq[(i + 1) % len(uniq)] for i, s in enumerate(uniq)}
+    order = list(range(len(uniq)))
+    rng = np.random.default_rng(seed)
+    for i in range(len(order) - 1, 0, -1):  # Sattolo: j < i, so the result is one cycle over all ids
+        j = int(rng.integers(0, i))
+        order[i], order[j] = order[j], order[i]
+    return {uniq[i]: uniq[order[i]] for i in range(len(uniq))}
 
 
 def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_size: int = 8,
@@ -176,6 +185,7 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
+    add_precision_arguments(parser, device=True)
     parser.add_argument("--data", required=True, help="manifest CSV (or sharegpt JSON) of rows to answer")
     parser.add_argument("--out", required=True, help="predictions JSONL (appended; rerun resumes)")
     parser.add_argument("--split", help="only rows with this split value")
@@ -192,7 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    assistant = SlideAssistant.from_pretrained(args.model, tower_cache=getattr(args, "tower_cache", None))
+    assistant = SlideAssistant.from_pretrained(args.model, tower_cache=getattr(args, "tower_cache", None),
+                                               device=args.device, precision=args.precision,
+                                               force_precision=args.force_precision)
     records = select(load_manifest(args.data, split=args.split), getattr(args, "category", None), getattr(args, "limit", None))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     counts = predict(assistant, records, Path(args.out), args.batch_size, settings, args.ablate, args.explain)

@@ -234,7 +234,8 @@ class SlideServer:
                  slide_loader=None):
         self.config = config
         self.root = real_root(config.slides_root)
-        self.assistant = assistant or SlideAssistant.from_pretrained(config.model)
+        self.assistant = assistant or SlideAssistant.from_pretrained(
+            config.model, device=config.device, precision=config.precision, force_precision=config.force_precision)
         self.model_name = config.model_name or Path(config.model).resolve().name
         self.created = int(time.time())
         tok = self.assistant.tokenizer
@@ -336,14 +337,16 @@ class SlideServer:
                 job.emit("error", ApiError(504, "cancelled", code="cancelled"))
                 continue
             try:
-                visuals.append(self.encoder.encode(job.payload))
+                with self.assistant.autocast():
+                    visuals.append(self.encoder.encode(job.payload))
                 live.append(job)
             except Exception:
                 log.exception("encoding slide %s failed", job.payload.slide.path)
                 job.emit("error", internal_error())
         if not live:
             return
-        results = generate_rows(self.assistant.model, self.assistant.tokenizer, [j.payload for j in live], visuals)
+        with self.assistant.autocast():
+            results = generate_rows(self.assistant.model, self.assistant.tokenizer, [j.payload for j in live], visuals)
         for job, res in zip(live, results):
             self.rows_cancelled += res.finish_reason == "cancelled"
             job.emit("done", res)

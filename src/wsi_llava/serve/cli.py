@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ..precision import add_precision_arguments
 from .config import API_KEY_ENV, ServeConfig
 from .security import is_loopback
 
@@ -14,6 +15,7 @@ from .security import is_loopback
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServeConfig
     parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
+    add_precision_arguments(parser, device=True)
     parser.add_argument("--slides-root", required=True,
                         help="folder of slide .h5 files clients may reference (nothing outside it is read)")
     parser.add_argument("--host", default=d.host, help="address to bind (default: %(default)s, loopback only)")
@@ -61,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens, slide_cache_items=args.slide_cache,
         slide_cache_bytes=args.slide_cache_mb * 2**20, visual_cache_items=args.visual_cache,
+        device=args.device, precision=args.precision, force_precision=args.force_precision,
         torch_threads=args.threads, slide_timeout=args.slide_timeout, slide_readers=args.slide_readers,
         slide_reader=args.slide_reader,
         allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts is not None else None)

@@ -46,6 +46,13 @@ class ServeConfig:
     """Most per-slide visual encodings (tower → selection → projector output) kept."""
     visual_cache_bytes: int = 512 * 2**20
     """Memory bound of the visual cache (bytes)."""
+    device: str = "auto"
+    """Where the model runs: ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:1`` …"""
+    precision: str = "auto"
+    """``auto``/``fp32``/``bf16``/``fp16``, decided by :func:`wsi_llava.precision.resolve_precision`
+    (half precision only where the device runs it fast, unless ``force_precision``)."""
+    force_precision: bool = False
+    """Use ``precision`` as given even where it runs slowly."""
     torch_threads: int | None = None
     """Intra-op CPU threads of the generation worker (None: torch's default). Tiny models and busy
     machines run faster on 1."""

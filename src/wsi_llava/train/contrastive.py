@@ -27,16 +27,22 @@ import yaml
 from transformers import Trainer
 
 from ..config import ConfigError, TrainConfig
-from ..data.slide_text import SlideTextCollator, SlideTextDataset, SlideTextPair, build_pairs
+from ..data.slide_text import (
+    SlideTextCollator,
+    SlideTextDataset,
+    SlideTextPair,
+    build_pairs,
+)
 from ..data.slides import read_slide_meta
 from ..eval.retrieval import slide_text_retrieval
 from ..fileio import atomic_write_text
 from ..model.export import STAGE1_CONFIG
 from ..model.slide_text import SlideTextConfig, SlideTextModel, symmetric_nce
 from ..model.text_tower import load_text_tower, pad_token_id, tokenize_texts
-from .run import filter_invalid, load_records, resolve_datasets
+from ..precision import training_precision
 from .checkpoint import CrashSafeCheckpoints
-from .trainer import EpochCallback, cpu_precision_fallback
+from .run import filter_invalid, load_records, resolve_datasets
+from .trainer import EpochCallback
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +207,7 @@ def run_contrastive(cfg: TrainConfig) -> Path:
     train_ds = make_dataset(train_pairs, tokenizer, cfg, feature_dim, True, seed, "dataset")
     eval_ds = make_dataset(eval_pairs, tokenizer, cfg, feature_dim, False, seed, "eval_dataset") if eval_pairs else None
 
-    training = cpu_precision_fallback(training)
+    training = training_precision(training, force=cfg.finetuning.force_precision)
     training.setdefault("report_to", "none")
     training.setdefault("ddp_find_unused_parameters", False)  # every trainable weight is used in each step
     if eval_ds is None:

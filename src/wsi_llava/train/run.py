@@ -17,7 +17,13 @@ from ..data.prompts import PromptBuilder
 from ..data.slides import read_slide_meta
 from ..model.wsi_llava import WsiLlavaForConditionalGeneration, load_wsi_llava
 from . import final
-from .checkpoint import CheckpointError, checkpoint_step, load_checkpoint_weights, resume_requested, verify_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    load_checkpoint_weights,
+    resume_requested,
+    verify_checkpoint,
+)
 from .stages import load_projector, merge_lora, save_projector, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -185,7 +191,8 @@ def run_sft(cfg: TrainConfig) -> Path:
     """Train stage 2 or 3 as configured; returns the output folder holding the final model."""
     from transformers import TrainingArguments, set_seed
 
-    from .trainer import EpochCallback, WsiTrainer, cpu_precision_fallback
+    from ..precision import training_precision
+    from .trainer import EpochCallback, WsiTrainer
 
     training = dict(cfg.training)
     out_dir = Path(cfg.resolve(training["output_dir"]))
@@ -227,7 +234,7 @@ def run_sft(cfg: TrainConfig) -> Path:
     eval_ds = (SlideQADataset(eval_records, builder, cfg.data.patches_per_wsi, feature_dim, training=False, seed=seed,
                               tower_cache=tower_cache)
                if eval_records else None)
-    training = cpu_precision_fallback(training)
+    training = training_precision(training, force=cfg.finetuning.force_precision)
     training.setdefault("report_to", "none")
     if not eval_ds:
         training["eval_strategy"] = "no"

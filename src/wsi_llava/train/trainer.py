@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from transformers import Trainer, TrainerCallback
 
 from .checkpoint import CrashSafeCheckpoints
@@ -70,25 +69,3 @@ class WsiTrainer(CrashSafeCheckpoints, Trainer):
             self.log(extra)
             metrics.update(extra)
         return metrics
-
-
-def cpu_precision_fallback(training: dict) -> dict:
-    """Without a GPU: ``use_cpu`` (so ``torchrun`` gives CPU DDP over gloo). ``bf16``/``fp16`` requested without a GPU: bf16 runs through CPU autocast when this torch build
-    supports it; fp16 (GPU only) falls back to float32 with a warning. Never crashes."""
-    training = dict(training)
-    if torch.cuda.is_available():
-        return training
-    # Without a GPU, accelerate sets up multi-process CPU training (gloo) only when told it is on the CPU.
-    training.setdefault("use_cpu", True)
-    if training.get("fp16"):
-        logger.warning("fp16 needs a GPU; training in float32 on the CPU")
-        training["fp16"] = False
-    if training.get("bf16"):
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                torch.ones(2, 2) @ torch.ones(2, 2)
-            logger.info("bf16 without a GPU: using CPU autocast in bfloat16")
-        except Exception:  # pragma: no cover - depends on the CPU build
-            logger.warning("bf16 is not available on this CPU build; training in float32")
-            training["bf16"] = False
-    return training
