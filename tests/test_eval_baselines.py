@@ -168,7 +168,7 @@ def test_eval_baselines_only_command(bench, tmp_path, capsys):
                      "Morphology_choice", "--limit", "4"]) == 0
     m = json.loads((sub / "metrics.json").read_text())
     assert m["n_items"] == 4 and m["baselines"]["all"]["constant_letter"]["accuracy"] == 1.0
-    assert cli_main(["eval", "--baselines-only", "--data", *bench, "--out", str(sub), "--category", "Nope"]) == 1
+    assert cli_main(["eval", "--baselines-only", "--data", *bench, "--out", str(sub), "--category", "Nope"]) == 2
     assert "categories present" in capsys.readouterr().err
 
 

@@ -149,5 +149,5 @@ def test_predict_category_and_limit(blind_model, cohort, tmp_path, monkeypatch, 
 def test_circular_needs_model(tmp_path, capsys):
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"key": "k", "reference": "A", "prediction": "A", "kind": "mc", "choices": ["x", "y"]}) + "\n")
-    assert cli(["eval", "--predictions", str(p), "--out", str(tmp_path / "o"), "--circular"]) == 1
+    assert cli(["eval", "--predictions", str(p), "--out", str(tmp_path / "o"), "--circular"]) == 2
     assert "--circular needs --model" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def test_eval_rejects_repeated_keys_and_bad_json(tmp_path, capsys):
     p = tmp_path / "preds.jsonl"
     rows = preds()
     p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]) + "\n")
-    assert cli_main(["eval", "--predictions", str(p), "--out", str(tmp_path / "ev")]) == 1
+    assert cli_main(["eval", "--predictions", str(p), "--out", str(tmp_path / "ev")]) == 2
     assert "line 2" in capsys.readouterr().err
     p.write_text(json.dumps(rows[0]) + "\n{not json\n")
     with pytest.raises(EvalInputError, match="line 2: invalid JSON"):

@@ -101,7 +101,7 @@ def test_import_fails_when_nothing_matches(bench, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "none.csv"
-    assert cli_main(["import", "wsi-bench", *files, "--h5-root", str(empty), "--out", str(out)]) == 1
+    assert cli_main(["import", "wsi-bench", *files, "--h5-root", str(empty), "--out", str(out)]) == 2
     assert not out.exists() and (tmp_path / "none.unmatched.csv").exists()
     assert "no item matched" in capsys.readouterr().err
 

@@ -24,7 +24,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .slides import FEATURES_KEY, SlideError, _corrupt_as_slide_error, _datasets, _iter_blocks, _open, describe_layout
+from .slides import (
+    FEATURES_KEY,
+    SlideError,
+    _corrupt_as_slide_error,
+    _datasets,
+    _iter_blocks,
+    _open,
+    describe_layout,
+)
 
 
 @dataclass(frozen=True)
@@ -169,10 +177,10 @@ def main(args: argparse.Namespace) -> int:
         results = convert_many(args.inputs, args.out, float16=args.float16, overwrite=args.overwrite)
     except SlideError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if not results:
         print("error: no .h5 inputs found", file=sys.stderr)
-        return 1
+        return 2
     for r in results:
         stream = sys.stderr if r.status == "failed" else sys.stdout
         text = r.message if r.status == "failed" else f"{r.src}: {r.message}"  # errors name the file

@@ -17,15 +17,29 @@ fraction and the seed, not on which H5 files exist.
 from __future__ import annotations
 
 import argparse
-import sys
-
 import csv
+import sys
 from collections import Counter
 from dataclasses import replace
 
-from .importers import READERS, SlideIndex, _category_and_split, match_slides, skipped_path, write_manifest, write_skipped
-from .provenance import (benchmark_of, build_provenance, category_counts, file_record, release_match, split_by_case,
-                         write_provenance)
+from .importers import (
+    READERS,
+    SlideIndex,
+    _category_and_split,
+    match_slides,
+    skipped_path,
+    write_manifest,
+    write_skipped,
+)
+from .provenance import (
+    benchmark_of,
+    build_provenance,
+    category_counts,
+    file_record,
+    release_match,
+    split_by_case,
+    write_provenance,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,14 +92,14 @@ def main(args: argparse.Namespace) -> int:
             files.append(file_record(path, len(got) + len(bad), args.format))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     split_summary = None
     if args.split_by == "case":
         try:
             splits, split_summary = split_by_case([it.case_id or it.slide_id for it in items], args.test_fraction, args.seed)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return 2
         items = [replace(it, split=s) for it, s in zip(items, splits)]
     n_malformed = len(skipped)
     category_of = {(it.source, it.item): it.category for it in items}
@@ -131,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
         )
     if not matched:
         print("error: no item matched an H5 file; check --h5-root and the slide ids in " + str(side), file=sys.stderr)
-        return 1
+        return 2
     return 1 if (args.strict and skipped) else 0
 
 
