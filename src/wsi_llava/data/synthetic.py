@@ -57,6 +57,12 @@ class SynthConfig:
     """Norm of the diagnosis prototype added to cluster tiles (noise has unit variance per dim)."""
     n_background: int = 6
     """Background tissue prototypes shared by all diagnoses."""
+    stain_strength: float = 0.0
+    """Per-slide offset added to every tile (a stain or scanner batch effect), drawn along the
+    diagnosis prototypes' directions with this standard deviation per direction. It moves the
+    slide-level mean of the features along the very directions that separate the diagnoses, so
+    mean-pooling all tiles no longer reveals the diagnosis, while each cluster tile still stands
+    out from its own slide by ``signal_strength``."""
     question_kinds: tuple[str, ...] = ("mc", "yn", "open", "report")
     """Rows written per slide: multiple-choice diagnosis, yes/no, open question, report caption."""
     shuffle_choices: bool = False
@@ -96,7 +102,9 @@ def _tissue_grid(rng: np.random.Generator, n_target: int) -> np.ndarray:
 
 def make_slide(rng: np.random.Generator, dx_index: int, prototypes: np.ndarray, background: np.ndarray,
                cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One slide: features [N, D] float32, coords [N, 2] (x, y) level-0 px, planted [N] bool."""
+    """One slide: features [N, D] float32, coords [N, 2] (x, y) level-0 px, planted [N] bool.
+
+    ``prototypes`` [K, D] (norm ``signal_strength``), ``background`` [n_background, D]."""
     n_target = int(rng.integers(cfg.min_tiles, cfg.max_tiles + 1))
     cells = _tissue_grid(rng, n_target)
     n = len(cells)
@@ -104,6 +112,9 @@ def make_slide(rng: np.random.Generator, dx_index: int, prototypes: np.ndarray, 
     cells = cells[order]
     tissue = rng.integers(0, len(background), size=n)
     features = background[tissue] + rng.standard_normal((n, cfg.feature_dim))
+    if cfg.stain_strength:
+        unit = prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True)
+        features += cfg.stain_strength * (rng.standard_normal(len(unit)) @ unit)
     # The diagnostic cluster: the tiles nearest to a random centre tile.
     n_signal = max(1, int(round(cfg.signal_fraction * n)))
     centre = cells[rng.integers(0, n)]
@@ -199,6 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of tiles carrying the diagnosis")
     parser.add_argument("--signal-strength", type=float, default=SynthConfig.signal_strength,
                         help="norm of the diagnosis prototype")
+    parser.add_argument("--stain-strength", type=float, default=SynthConfig.stain_strength,
+                        help="per-slide offset along the diagnosis directions (defeats mean pooling)")
     parser.add_argument("--shuffle-choices", action="store_true", help="shuffle diagnosis options per slide")
     parser.add_argument("--seed", type=int, default=0, help="seed")
 
@@ -206,7 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = SynthConfig(n_train=args.n_train, n_test=args.n_test, feature_dim=args.feature_dim,
                       min_tiles=args.min_tiles, max_tiles=args.max_tiles, signal_fraction=args.signal_fraction,
-                      signal_strength=args.signal_strength, shuffle_choices=args.shuffle_choices, seed=args.seed)
+                      signal_strength=args.signal_strength, stain_strength=args.stain_strength,
+                      shuffle_choices=args.shuffle_choices, seed=args.seed)
     cohort = make_cohort(args.out, cfg)
     print(f"wrote {len(cohort.slides)} slides to {cohort.root / 'slides'}")
     print(f"manifests: {cohort.train_csv}, {cohort.test_csv}, {cohort.all_csv}")
