@@ -76,8 +76,9 @@ def test_judge_items_against_fake_server(server):
     assert out["precision"] == pytest.approx((1.0 + 0.25) / 2)
     assert out["relevance"] == pytest.approx((1.0 + 0.5) / 2)
     assert out["failures"][0]["key"] == "c" and "unreadable" in out["failures"][0]["error"]
-    lo, hi = out["precision_ci"]
-    assert 0.25 <= lo <= hi <= 1.0
+    # two judged items (1.0 and 0.25): every bootstrap mean is 0.25, 0.625 or 1.0, and the 95 % percentile
+    # interval over 100 resamples reaches both ends
+    assert tuple(out["precision_ci"]) == (0.25, 1.0)
     sent = FakeJudge.requests[0]
     assert sent["path"] == "/v1/chat/completions" and sent["body"]["model"] == "fake"
     assert sent["auth"] == "Bearer k123" and sent["body"]["temperature"] == 0.0

@@ -114,28 +114,72 @@ def test_table_and_summary_from_runs():
     assert "| prumerge | 8 | 12.35 |" in table and "N = 2,048" in table
 
 
+def planted_tiles(path) -> tuple[set, int]:
+    """(x, y) of a synthetic slide's planted tiles and its tile count, straight from the H5."""
+    with h5py.File(path, "r") as f:
+        coords = f["coords_yx"][:][:, ::-1] if "coords_yx" in f else f["coords"][:]
+        planted = f["planted"][:].astype(bool)
+    return {(float(x), float(y)) for x, y in coords[planted]}, len(coords)
+
+
 def test_quick_study_end_to_end(tmp_path):
+    """The whole pipeline at --quick sizes. Its numbers mean nothing (2 training steps; at these sizes the
+    selectors are no better than random over seeds), so what is checked is that every stored number is
+    the one its raw outputs give: recall and accuracy recomputed from predictions.jsonl and the H5s, the
+    summary from the runs, the table from the summary, the chance levels from the questions."""
+    from wsi_llava.data.manifest import load_manifest
+    from wsi_llava.data.slides import load_slide
+    from wsi_llava.eval.metrics import evaluate_predictions
+
     cfg = replace(QUICK, strategies=("random_sample", "prumerge", "prompt_topk"), budgets=(4,))
     results = run_study(tmp_path, cfg)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(results["summary"]))
-    assert {(r["strategy"], r["budget"]) for r in saved["runs"]} == {(s, 4) for s in cfg.strategies}
+    assert [(r["strategy"], r["budget"]) for r in saved["runs"]] == [(s, 4) for s in cfg.strategies]
+    test = load_manifest(tmp_path / "cohort" / "test_closed.csv")
+    assert saved["n_test_questions"] == len(test) == 2 * cfg.n_test
+    assert saved["chance"] == pytest.approx((1 / 4 + 1 / 2) / 2)  # one 4-way multiple choice + one yes/no per slide
+    slides = {r.slide_id: r.h5_path for r in test}
+    truth = {sid: planted_tiles(path) for sid, path in slides.items()}
+    loaded = {sid: load_slide(path, cfg.patches_per_wsi).coords for sid, path in slides.items()}
+    assert all(len(loaded[sid]) == truth[sid][1] for sid in slides)  # patches_per_wsi >= max_tiles: all tiles
     for r in saved["runs"]:
-        assert r["n_closed"] == 2 * cfg.n_test  # multiple choice + yes/no per held-out slide (no report rows)
-        assert 0.0 <= r["closed_accuracy"] <= 1.0
-        assert 0.0 <= r["recall"] <= 1.0 and 0.0 < r["uniform_recall"] <= 1.0
         rows = [json.loads(x) for x in (tmp_path / "runs" / f"{r['strategy']}_k4" / "predictions.jsonl")
                 .read_text().splitlines()]
-        assert len(rows) == r["n_closed"] and all(len(x["tiles"]) == 4 for x in rows)
+        assert r["n_closed"] == len(rows) == 2 * cfg.n_test  # multiple choice + yes/no per held-out slide
+        per_row = []
+        for x in rows:
+            assert len(x["tiles"]) == 4 and len(set(x["tiles"])) == 4  # k = 4 distinct tiles
+            np.testing.assert_array_equal(loaded[x["slide_id"]][x["tiles"]], np.asarray(x["coords"]))
+            chosen = {(float(a), float(b)) for a, b in x["coords"]}
+            planted, n = truth[x["slide_id"]]
+            found = len(chosen & planted)
+            per_row.append({"recall": found / len(planted), "precision": found / len(chosen), "hit": float(found > 0),
+                            "uniform_recall": len(chosen) / n})
+        for key in ("recall", "precision", "hit", "uniform_recall"):
+            assert r[key] == pytest.approx(np.mean([p[key] for p in per_row])), (r["strategy"], key)
+        scored = evaluate_predictions(rows, bootstrap=1000, seed=0)
+        assert r["closed_accuracy"] == scored["closed_accuracy"] and r["closed_accuracy_ci"] == scored["closed_accuracy_ci"]
+        s = next(x for x in saved["summary"] if (x["strategy"], x["budget"]) == (r["strategy"], 4))
+        assert s["n_seeds"] == 1 and all(s[k] == r[k] for k in ("closed_accuracy", "recall", "uniform_recall"))
     assert {(t["strategy"], t["n"]) for t in saved["timing"]} == {(s, n) for s in cfg.strategies
                                                                   for n in cfg.timing_sizes}
-    assert saved["stage1"]["retrieval"]["s2t_r1"] is not None  # --quick runs stage 1 too (2 steps)
-    assert saved["stage1"]["tower"].endswith("tower.safetensors")
+    stage1 = json.loads((tmp_path / "stage1" / "metrics.json").read_text())  # --quick runs stage 1 too (2 steps)
+    assert saved["stage1"]["retrieval"] == stage1["retrieval"] and saved["stage1"]["chance"]["s2t_r1"] == 0.25
+    assert saved["stage1"]["tower"] == str(tmp_path / "stage1" / "tower.safetensors")
     share = saved["tower_attention"]
-    assert 0.0 < share["planted_attention_share"] < 1.0 and 0.0 < share["planted_tile_share"] < 1.0
-    table = (tmp_path / "table.md").read_text()
-    for s in cfg.strategies:
-        assert f"| {s} |" in table
+    assert share["planted_tile_share"] == pytest.approx(np.mean([len(p) / n for p, n in truth.values()]))
+    assert 0.0 < share["planted_attention_share"] < 1.0
+    # the table: the configured strategies in order, one k column, each cell the summary's value
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table.count("| strategy | k = 4 |") == 2 and "| strategy | k | N = 256 | N = 2,048 |" in table
+    by = {x["strategy"]: x for x in saved["summary"]}
+    acc = [f"| {s} | {by[s]['closed_accuracy']:.3f} [{by[s]['closed_accuracy_ci'][0]:.2f}, "
+           f"{by[s]['closed_accuracy_ci'][1]:.2f}] |" for s in cfg.strategies]
+    rec = [f"| {s} | {by[s]['recall']:.3f} ({by[s]['uniform_recall']:.3f}) |" for s in cfg.strategies]
+    first = table.index("| strategy | k = 4 |")
+    second = table.index("| strategy | k = 4 |", first + 1)
+    assert table[first + 2:first + 2 + len(acc)] == acc and table[second + 2:second + 2 + len(rec)] == rec
     with Image.open(tmp_path / "study.png") as im:
         px = np.asarray(im.convert("L"), dtype=float)
     assert px.shape[1] > 500 and px.std() > 10

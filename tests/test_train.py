@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from wsi_llava.cli import main as cli
+from wsi_llava.data.synthetic import SynthConfig, make_cohort
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -125,14 +126,53 @@ def test_invalid_data_is_refused_or_skipped(tiny_llm, cohort, tmp_path):
     assert skipped and all(s["row"] == 6 for s in skipped)
 
 
+def test_sanity_check_loss_is_above_eval_loss_once_the_model_reads_the_slide(tiny_llm, tmp_path):
+    """On a cohort where every tile carries the diagnosis, 60 steps teach the tiny LM to answer the
+    multiple-choice question from the slide: the eval loss drops below what the text alone allows
+    (ln 4 on the letter, ~0 on the end token: ln(4) / 2) and zeroing the slides costs clearly more."""
+    easy = make_cohort(tmp_path / "easy", SynthConfig(n_train=12, n_test=4, feature_dim=16, min_tiles=8, max_tiles=12,
+                                                       signal_fraction=1.0, signal_strength=10.0,
+                                                       question_kinds=("mc",), seed=3))
+    cfg = write_config(tmp_path / "sft.yaml", **base_cfg(
+        tiny_llm, easy, tmp_path / "run", finetuning_type="full", freeze_language_model=False, do_sanity_check=True,
+        per_device_train_batch_size=8, max_steps=60, learning_rate=1e-2, logging_steps=10, eval_steps=60,
+        save_strategy="no", seed=0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: faster, and the same arithmetic on every machine
+    try:
+        assert cli(["train", str(cfg)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    real = [h["eval_loss"] for h in history if "eval_loss" in h]
+    zeroed = [h["eval_sanity_check_loss"] for h in history if "eval_sanity_check_loss" in h]
+    assert len(real) == len(zeroed) == 1
+    assert real[0] < 0.6, real  # below the text-only floor ln(4) / 2 = 0.69: the answer comes from the slide
+    assert zeroed[0] > real[0] + 0.1, (real, zeroed)  # and without the slide the model does clearly worse
+
+
 def test_ddp_two_processes(tiny_llm, cohort, tmp_path):
-    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same config unchanged."""
+    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same config unchanged, and the ranks stay in
+    lockstep: after the steps every trainable tensor moved and is bit-identical on both ranks."""
     cfg = write_config(tmp_path / "ddp.yaml", **base_cfg(tiny_llm, cohort, tmp_path / "run", finetuning_type="full",
                                                           max_steps=2, eval_strategy="no", save_strategy="no"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # ddp_probe (this folder) runs the CLI with a callback that writes each rank's trainable weights
+    here = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "wsi_llava.cli", "train", str(cfg)],
+                           "-m", "ddp_probe", str(tmp_path / "ranks"), "train", str(cfg)],
                           capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "projector.safetensors").exists()
     assert "training on 2 process(es)" in proc.stderr
+    from ddp_probe import load_dumps
+
+    (begin0, begin1), (end0, end1) = load_dumps(tmp_path / "ranks", 2)
+    assert end0.keys() == end1.keys() == begin0.keys() == begin1.keys()
+    assert any(k.startswith("multi_modal_projector.") for k in end0)
+    assert [k for k in end0 if not torch.equal(end0[k], end1[k])] == []
+    # every trainable tensor moved, except the projector's gamma: gamma_min == gamma_max (1.0) fixes it
+    assert [k for k in end0 if torch.equal(end0[k], begin0[k])] == ["multi_modal_projector.gamma_logit"]
+    proj = load_file(tmp_path / "run" / "projector.safetensors")  # rank 0 wrote what rank 1 ended with
+    assert proj and [k for k in proj if not torch.equal(proj[k], end1[k])] == []
