@@ -435,6 +435,33 @@ def save_tile_weights(encoder: TileEncoder, path: str | os.PathLike) -> None:
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    import json
+
+    arch = {k: v for k, v in encoder.config.items() if k != "architecture"}
+    pre = {k: getattr(encoder.preprocess, k) for k in _PREPROCESS_KEYS}
     save_file({k: v.detach().contiguous() for k, v in encoder.backbone.state_dict().items()}, str(tmp),
-              metadata={"tile_encoder": encoder.name})
+              metadata={"tile_encoder": encoder.name, "config": json.dumps({**arch, **pre})})
     os.replace(tmp, path)
+
+
+def load_tile_encoder(weights: str | os.PathLike, name: str | None = None, **overrides) -> TileEncoder:
+    """A tile encoder from a weights file; without ``name``, the name and architecture written into
+    the file's safetensors metadata by :func:`save_tile_weights` (``overrides`` win)."""
+    import json
+
+    path = Path(os.fspath(weights))
+    if name is None:
+        meta = {}
+        if path.suffix == ".safetensors" and path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        if "tile_encoder" not in meta:
+            raise TileEncoderError(f"{path}: the file does not say which tile encoder it holds; "
+                                   f"name one ({sorted(NAMED)} or timm:<architecture>)")
+        name = meta["tile_encoder"]
+        saved = json.loads(meta.get("config", "{}"))
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        overrides = {**saved, **overrides}
+    return build_tile_encoder(name, weights=path, **overrides)
