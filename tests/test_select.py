@@ -64,11 +64,13 @@ ALL_OPTIONS = [
     ("prumerge_plus", SelectOptions(budget="adaptive", order="score", plus_topk_fraction=0.2)),
     ("prompt_topk", SelectOptions()),
     ("prompt_topk", SelectOptions(similarity_weighting=True, order="score")),
+    ("feature_outlier", SelectOptions()),
+    ("feature_outlier", SelectOptions(budget="adaptive", order="score")),
 ]
 
 
 def test_selector_names():
-    assert set(SELECTORS) == {"none", "random_sample", "prumerge", "prumerge_plus", "prompt_topk"}
+    assert set(SELECTORS) == {"none", "random_sample", "prumerge", "prumerge_plus", "prompt_topk", "feature_outlier"}
 
 
 @pytest.mark.parametrize("name,opts", ALL_OPTIONS)
@@ -93,6 +95,8 @@ def test_exact_k_and_never_padding_over_random_masks(name, opts):
             if name == "prumerge" and opts.budget == "adaptive":
                 want = min(max(int(adaptive_keep_counts(batch["cls_attention"][row:row + 1],
                                                         batch["mask"][row:row + 1])), 1), k, nr)
+            if name == "feature_outlier" and opts.budget == "adaptive":
+                want = min(max(int(adaptive_keep_counts(sel.scores[row:row + 1], batch["mask"][row:row + 1])), 1), k, nr)
             got = sel.indices[row]
             assert got.unique().numel() == want
             assert got[:want].unique().numel() == want  # cycling repeats the first `want`
@@ -420,3 +424,23 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="did you mean 'merge_neighbours'"):
         SelectOptions.from_mapping({"merge_neighbors": 16})
     assert SelectOptions.from_mapping({"budget": "adaptive"}).budget == "adaptive"
+
+
+def test_feature_outlier_finds_the_tiles_unlike_their_slide_whatever_the_slide_offset():
+    """Two planted tiles per slide, a large per-slide offset on every tile, padding: the planted tiles
+    rank first (the median cancels the offset); the adaptive budget keeps about as many as were planted."""
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 3, 40, 16
+    tokens = torch.randn(b, n, d, generator=g) + 6.0 * torch.randn(b, 1, d, generator=g)  # slide offsets
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, 30:] = False
+    tokens[1, 30:] = float("nan")  # padding never scores, even NaN
+    planted = torch.tensor([[3, 17], [5, 29], [0, 39]])
+    direction = torch.randn(b, 1, d, generator=g)
+    direction = 12.0 * direction / direction.norm(dim=-1, keepdim=True)
+    tokens.scatter_add_(1, planted[..., None].expand(b, 2, d), direction.expand(b, 2, d))
+    sel = SELECTORS["feature_outlier"](tokens, mask, 2)
+    assert torch.equal(sel.indices, planted)  # spatial order: ascending index
+    assert torch.isfinite(sel.scores).all() and bool((sel.scores[1, 30:] == 0).all())
+    ada = SELECTORS["feature_outlier"](tokens, mask, 8, options=SelectOptions(budget="adaptive", order="score"))
+    assert all(set(ada.indices[i, :2].tolist()) == set(planted[i].tolist()) for i in range(b))

@@ -63,7 +63,8 @@ class ModelArguments:
     use_cls_token: bool = False
     """Also feed the tower's CLS token (``wsi`` only): the prompt holds K + 1 visual tokens."""
     vision_feature_select_mode: str = "random_sample"
-    """Token selector: ``none``, ``random_sample``, ``prumerge``, ``prumerge_plus``, ``prompt_topk``."""
+    """Token selector: ``none``, ``random_sample``, ``prumerge``, ``prumerge_plus``, ``prompt_topk``,
+    ``feature_outlier`` (docs/selection.md)."""
     select_options: dict = field(default_factory=dict)
     """Selector knobs (``SelectOptions`` fields)."""
     projector_dropout: float = 0.0

@@ -48,6 +48,7 @@ __all__ = [
     "hilbert_keys",
     "prumerge_reference",
     "prumerge_reference_parts",
+    "select_feature_outlier",
     "select_none",
     "select_prompt_topk",
     "select_prumerge",
@@ -501,12 +502,39 @@ def select_prompt_topk(tokens: Tensor, mask: Tensor, k: int, *, cls_attention: T
     return Selection(kept, idx, _masked_score_out(sim, mask))
 
 
+def select_feature_outlier(tokens: Tensor, mask: Tensor, k: int, *, cls_attention: Tensor | None = None,
+                           keys: Tensor | None = None, query: Tensor | None = None, coords: Tensor | None = None,
+                           generator: torch.Generator | None = None, training: bool = False,
+                           options: SelectOptions | None = None) -> Selection:
+    """The ``k`` real tiles farthest from their slide's typical tile: PruMerge's "keep the outliers"
+    without a tower, for tile features used directly (``vision_mode: none``) or any tower output.
+
+    Score of tile i: ``‖x_i − median(x)‖₂``, the median taken per dimension over the row's real tiles,
+    so a per-slide offset (stain, scanner) shared by all tiles cancels and tiles unlike the rest of
+    their slide (a tumour focus in normal tissue) rank first. ``budget="adaptive"`` keeps the IQR
+    outliers of the scores (clipped to [1, k], cycled to ``k``) as PruMerge does with CLS attention.
+    """
+    opts = _opts(options)
+    n_real = _check_common(tokens, mask, k, "feature_outlier")
+    x = tokens.detach().float()
+    centre = x.masked_fill(~mask[..., None], float("nan")).nanmedian(dim=1).values  # [B, D]
+    scores = torch.linalg.vector_norm(x - centre[:, None, :], dim=-1).masked_fill(~mask, 0)  # [B, N]
+    if opts.budget == "adaptive":
+        count = adaptive_keep_counts(scores, mask, opts.iqr_whisker).clamp(1, k)
+    else:
+        count = torch.full_like(n_real, k)
+    count = torch.minimum(count, n_real)
+    idx = _finish(_topk_ranked(scores, mask, k), count, k, spatial=opts.order == "spatial")
+    return Selection(_gather_rows(tokens, idx), idx, _masked_score_out(scores, mask))
+
+
 SELECTORS: dict[str, Callable[..., Selection]] = {
     "none": select_none,
     "random_sample": select_random_sample,
     "prumerge": select_prumerge,
     "prumerge_plus": select_prumerge_plus,
     "prompt_topk": select_prompt_topk,
+    "feature_outlier": select_feature_outlier,
 }
 """``vision_feature_select_mode`` → selector."""
 

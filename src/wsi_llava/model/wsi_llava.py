@@ -42,7 +42,7 @@ class WsiLlavaConfig(PretrainedConfig):
         use_cls_token: also feed the tower's CLS token (``wsi`` only); the prompt then holds K + 1
             ``<image>`` tokens.
         vision_feature_select_mode: a key of ``SELECTORS`` (``none``, ``random_sample``, ``prumerge``,
-            ``prumerge_plus``, ``prompt_topk``).
+            ``prumerge_plus``, ``prompt_topk``, ``feature_outlier``).
         select_options: ``SelectOptions`` fields (dict).
         mm_vision_select_layer: which tower state feeds the projector; -1 = the final normalised tokens,
             other values index ``hidden_states`` (0 = input embeddings, i = after block i, -2 = before
