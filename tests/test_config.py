@@ -106,3 +106,31 @@ def test_an_empty_weights_path_is_an_error(tmp_path):
         config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o", "vision_tower": ""})
     assert load_config(p).model.vision_tower is None  # absent: a random encoder, as documented (tests)
     assert load_config(p, ["system_prompt="]).model.system_prompt is None  # other keys: empty = unset
+
+
+def test_yaml_file_words_stay_strings_for_string_keys(tmp_path):
+    """In a config FILE too, YAML 1.1's no/yes/on/off are the words for string or enum keys
+    (``save_strategy: no`` was ``False``: "False is not a valid IntervalStrategy"); booleans stay booleans."""
+    from transformers import TrainingArguments
+
+    p = tmp_path / "c.yaml"
+    p.write_text("llm_name_or_path: x\ndataset: d\noutput_dir: o\nsave_strategy: no\neval_strategy: No\n"
+                 "logging_strategy: 'no'\nevaluation_strategy: off\nlr_scheduler_type: linear\n"
+                 "plot_loss: yes\nbf16: off\nuse_cpu: on\nskip_invalid: no\nsplit: yes\n"
+                 "resume_from_checkpoint: yes\ndo_sanity_check: false\n"
+                 "vision_config: {flag: yes}\n")
+    cfg = load_config(p)
+    t = cfg.training
+    assert t["save_strategy"] == "no" and t["eval_strategy"] == "No" and t["logging_strategy"] == "no"
+    assert t["resume_from_checkpoint"] == "yes" and t["bf16"] is False and t["use_cpu"] is True
+    assert cfg.finetuning.plot_loss is True and cfg.data.skip_invalid is False and cfg.data.split == "yes"
+    assert cfg.finetuning.do_sanity_check is False
+    assert cfg.model.vision_config == {"flag": True}  # nested values: YAML as written
+    # evaluation_strategy (renamed) stays behind the explicit eval_strategy
+    p.write_text("llm_name_or_path: x\ndataset: d\noutput_dir: o\nsave_strategy: no\nevaluation_strategy: no\n"
+                 "logging_strategy: no\nuse_cpu: yes\n")
+    args = TrainingArguments(**load_config(p).training)  # was: "False is not a valid IntervalStrategy"
+    assert args.save_strategy == "no" and args.eval_strategy == "no" and args.logging_strategy == "no"
+    # true/false written for a string key stay booleans (as on the command line)
+    p.write_text("llm_name_or_path: x\ndataset: d\noutput_dir: o\nsave_strategy: false\n")
+    assert load_config(p).training["save_strategy"] is False

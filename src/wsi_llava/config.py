@@ -260,6 +260,36 @@ def parse_override_value(key: str, text: str) -> Any:
     return value
 
 
+class _WordLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without YAML 1.1's implicit booleans: ``yes``/``no``/``on``/``off`` (and
+    ``true``/``false``) load as the words written. Used to recover the word behind a boolean."""
+
+
+_WordLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def restore_words(raw: dict[str, Any], text: str) -> dict[str, Any]:
+    """``raw`` (a config file's top-level mapping as ``yaml.safe_load`` read it) with YAML 1.1's
+    ``yes``/``no``/``on``/``off`` turned back into the word written for keys whose declared type is not a
+    boolean (``save_strategy: no`` in a file means the strategy ``"no"``, not ``False``) — the rule
+    :func:`parse_override_value` applies on the command line."""
+    flagged = [k for k, v in raw.items() if isinstance(v, bool)]
+    if not flagged:
+        return raw
+    words = yaml.load(text, Loader=_WordLoader) or {}  # noqa: S506 - a SafeLoader subclass
+    out = dict(raw)
+    for key in flagged:
+        word = words.get(key) if isinstance(words, dict) else None
+        if not isinstance(word, str) or word.strip().lower() in ("true", "false"):
+            continue
+        declared = _declared_type(key)
+        if declared is not None and "bool" not in declared:
+            out[key] = word
+    return out
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["a=1", "b=x", "save_strategy=no"]`` → ``{"a": 1, "b": "x", "save_strategy": "no"}`` (values
     parsed as YAML; see :func:`parse_override_value`)."""
@@ -368,11 +398,13 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None) -> 
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    raw = restore_words(raw, text)
     if overrides:
         raw.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return config_from_dict(raw, source=str(path), base_dir=Path.cwd())
