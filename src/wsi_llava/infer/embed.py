@@ -9,6 +9,11 @@ manifest is embedded once, with the deterministic evaluation sample of ``--patch
 Output H5: ``embeddings`` [S, D] float32; ``slide_id``, ``h5_path``, ``case_id``, ``split``,
 ``dataset`` [S] (UTF-8 strings, "" when absent); ``n_tiles`` [S] (tiles used); attrs ``pool``,
 ``vision_tower``, ``patches_per_wsi`` (0 = all), ``slide_encoder_config`` (JSON), ``dim``.
+
+Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), whole batches of slides are shared
+out among the processes by tile count (:mod:`.shard`); each writes ``OUT.rank{r}-of-{w}.h5`` atomically (a
+rerun reuses a rank's complete part) and rank 0 merges them into ``OUT`` in manifest order: the file a
+single process writes.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from tqdm import tqdm
 from ..data.collate import pad_tiles
 from ..data.manifest import Record, load_manifest
 from ..data.slides import SlideError, load_slide
+from ..fileio import disk_full_error
 from ..model.slide_encoder import SlideEncoder
 from ..precision import Precision, add_precision_arguments, resolve_precision
+from . import shard
 
 STRING_COLUMNS = ("slide_id", "h5_path", "case_id", "split", "dataset")
 
@@ -99,6 +106,12 @@ def write_embeddings(out: str | os.PathLike, slides: list[Record], embeddings: n
                 f.attrs[k] = v
             f.attrs["dim"] = int(embeddings.shape[1])
         os.replace(tmp, out)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, tmp, out)
+        if full is not None:
+            raise full from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -121,22 +134,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def read_embeddings(path: str | os.PathLike) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+    """``(columns, embeddings, n_tiles, attrs)`` of an embeddings H5 (``columns``: the string columns)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        cols = {c: [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in f[c][:]] for c in STRING_COLUMNS}
+        return cols, f["embeddings"][:], f["n_tiles"][:], {k: f.attrs[k] for k in f.attrs if k != "dim"}
+
+
+def _part_matches(path: Path, slides: list[Record], attrs: dict) -> bool:
+    """A rank's part from an earlier run holds exactly these slides, made with these settings."""
+    try:
+        cols, _, _, old = read_embeddings(path)
+    except (OSError, KeyError, ValueError):
+        return False
+    return cols["slide_id"] == [r.slide_id for r in slides] and \
+        cols["h5_path"] == [str(r.h5_path) for r in slides] and \
+        {k: str(v) for k, v in old.items()} == {k: str(v) for k, v in attrs.items()}
+
+
+def _embed_sharded(sh, args, encoder, slides, device, precision, attrs) -> int:
+    groups = shard.batches(len(slides), args.batch_size)
+
+    def batch_tiles() -> list[int]:
+        n = shard.tile_counts([r.h5_path for r in slides], args.patches_per_wsi or None)
+        return [sum(n[i] for i in g) for g in groups]
+
+    # the rank's batches in ascending order: all full but possibly the last one of the manifest, which then
+    # comes last, so batching ``own`` by batch_size again gives exactly these batches
+    own = [slides[i] for b in shard.balance(sh.from_main(batch_tiles), sh.world)[sh.rank] for i in groups[b]]
+    part = sh.part_path(args.out)
+    if own and not _part_matches(part, own, attrs):
+        emb, n_tiles = embed_slides(encoder, own, args.patches_per_wsi or None, args.pool, args.batch_size, device,
+                                    progress=not args.no_progress and sh.is_main, precision=precision)
+        write_embeddings(part, own, emb, n_tiles, attrs)
+    elif not own:
+        part.unlink(missing_ok=True)  # more processes than batches: nothing to do here
+    sh.barrier()
+    if sh.is_main:
+        merged = np.zeros((len(slides), encoder.hidden_size), dtype=np.float32)
+        tiles = np.zeros(len(slides), dtype=np.int64)
+        index = {r.slide_id: i for i, r in enumerate(slides)}
+        filled = np.zeros(len(slides), dtype=bool)
+        for r in range(sh.world):
+            p = sh.part_path(args.out, r)
+            if not p.exists():
+                continue
+            cols, emb, n, _ = read_embeddings(p)
+            rows = [index[s] for s in cols["slide_id"]]
+            merged[rows], tiles[rows], filled[rows] = emb, n, True
+        if not filled.all():
+            raise RuntimeError(f"{args.out}: the parts miss {int((~filled).sum())} slide(s); rerun to complete them")
+        write_embeddings(args.out, slides, merged, tiles, attrs)
+        for p in shard.find_parts(args.out):
+            p.unlink(missing_ok=True)
+        print(f"wrote {len(slides)} slide embeddings of width {merged.shape[1]} to {args.out} "
+              f"(merged from {sh.world} processes)")
+    sh.barrier()
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from ..config import parse_overrides
     from ..model.export import load_tower
 
     if args.patches_per_wsi < 0 or args.batch_size < 1:
         raise ValueError("--patches-per-wsi must be >= 0 and --batch-size >= 1")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    encoder = load_tower(args.vision_tower, **parse_overrides(args.vision_config))
-    slides = unique_slides(load_manifest(args.data, split=args.split))
-    if not slides:
-        raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
-    precision = resolve_precision(args.precision, device, force=args.force_precision)
-    emb, n_tiles = embed_slides(encoder, slides, args.patches_per_wsi or None, args.pool, args.batch_size, device,
-                                progress=not args.no_progress, precision=precision)
-    attrs = {"pool": args.pool, "vision_tower": str(args.vision_tower), "patches_per_wsi": int(args.patches_per_wsi),
-             "slide_encoder_config": json.dumps(encoder.config.to_dict())}
-    write_embeddings(args.out, slides, emb, n_tiles, attrs)
-    print(f"wrote {len(slides)} slide embeddings of width {emb.shape[1]} to {args.out}")
-    return 0
+    with shard.sharded() as sh:
+        device = shard.device_for(args.device, sh)
+        encoder = load_tower(args.vision_tower, **parse_overrides(args.vision_config))
+        slides = unique_slides(load_manifest(args.data, split=args.split))
+        if not slides:
+            raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
+        precision = resolve_precision(args.precision, device, force=args.force_precision)
+        attrs = {"pool": args.pool, "vision_tower": str(args.vision_tower),
+                 "patches_per_wsi": int(args.patches_per_wsi),
+                 "slide_encoder_config": json.dumps(encoder.config.to_dict())}
+        if sh is not None:
+            return _embed_sharded(sh, args, encoder, slides, device, precision, attrs)
+        emb, n_tiles = embed_slides(encoder, slides, args.patches_per_wsi or None, args.pool, args.batch_size, device,
+                                    progress=not args.no_progress, precision=precision)
+        write_embeddings(args.out, slides, emb, n_tiles, attrs)
+        print(f"wrote {len(slides)} slide embeddings of width {emb.shape[1]} to {args.out}")
+        return 0

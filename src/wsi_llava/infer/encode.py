@@ -10,6 +10,10 @@ with the same select layer, and has the slide's tile count is skipped; any other
 replaced. Files are written to a temporary name and renamed, so an interrupted run leaves only complete
 files (and at most one ``.NAME.PID.tmp`` file, safe to delete). An unreadable slide stops the run with
 the manifest row and the file named; nothing is ever written as zeros.
+
+Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), the slides are shared out among the
+processes by tile count (:mod:`.shard`); each process writes the files of its own slides, so the cache is
+the one a single process writes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ..data.tower_cache import (
     write_cache_file,
 )
 from ..precision import Precision, add_precision_arguments, resolve_precision
+from . import shard
 from .embed import unique_slides
 
 
@@ -152,14 +157,24 @@ def main(args: argparse.Namespace) -> int:
     from ..config import parse_overrides
     from ..model.export import load_tower
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    encoder = load_tower(args.vision_tower, **parse_overrides(args.vision_config))
-    slides = unique_slides(load_manifest(args.data, split=args.split))
-    if not slides:
-        raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
-    precision = resolve_precision(args.precision, device, force=args.force_precision)
-    counts = build_tower_cache(encoder, slides, args.out, args.select_layer, device, precision,
-                               vision_tower=str(args.vision_tower), progress=not args.no_progress)
-    print(f"{counts['encoded']} encoded, {counts['skipped']} already cached, {counts['replaced']} replaced "
-          f"-> {args.out} (select layer {args.select_layer})")
-    return 0
+    with shard.sharded() as sh:
+        device = shard.device_for(args.device, sh)
+        encoder = load_tower(args.vision_tower, **parse_overrides(args.vision_config))
+        slides = unique_slides(load_manifest(args.data, split=args.split))
+        if not slides:
+            raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
+        precision = resolve_precision(args.precision, device, force=args.force_precision)
+        if sh is not None:  # this rank's slides, balanced by tile count (every tile is encoded)
+            weights = sh.from_main(lambda: shard.tile_counts([r.h5_path for r in slides]))
+            slides = [slides[i] for i in shard.balance(weights, sh.world)[sh.rank]]
+        counts = build_tower_cache(encoder, slides, args.out, args.select_layer, device, precision,
+                                   vision_tower=str(args.vision_tower),
+                                   progress=not args.no_progress and (sh is None or sh.is_main))
+        if sh is not None:
+            sh.barrier()
+            counts = dict(zip(counts, sh.total(list(counts.values()))))
+            if not sh.is_main:
+                return 0
+        print(f"{counts['encoded']} encoded, {counts['skipped']} already cached, {counts['replaced']} replaced "
+              f"-> {args.out} (select layer {args.select_layer})" + (f" by {sh.world} processes" if sh else ""))
+        return 0

@@ -9,6 +9,11 @@ holds one line per row still failing (a rerun never repeats a line; a row answer
 Line format: ``key, slide_id, question, reference, prediction, choices, kind, category, dataset, row``
 (``reference`` is the gold letter for multiple-choice rows, the caption for report rows), plus
 ``tiles``/``tile_scores``/``coords`` with ``--explain``.
+
+Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), whole batches are shared out
+among the processes by tile count; each appends to ``OUT.rank{r}-of-{w}.jsonl`` (resumable per rank) and
+rank 0 then merges them into ``OUT`` in manifest order: the lines a single process writes, each row
+generated in the same batch (:mod:`.shard`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,7 @@ from ..data.prompts import record_turn
 from ..data.slides import SlideError
 from ..data.subset import add_subset_arguments, select
 from ..precision import add_precision_arguments
+from . import shard
 from .engine import GenerationSettings, SlideAssistant, zeros_like_slide
 
 ABLATIONS = ("none", "zero", "shuffle")
@@ -120,8 +127,13 @@ def shuffle_partner(slide_ids: list[str], seed: int = 0) -> dict[str, str]:
 
 def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_size: int = 8,
             settings: GenerationSettings | None = None, ablate: str = "none", explain: bool = False,
-            progress: bool = True) -> dict:
-    """Answer every record not yet in ``out``; returns counts ``{"done", "skipped", "errors"}``."""
+            progress: bool = True, batches: list[int] | None = None, also_done: Sequence[Path] = ()) -> dict:
+    """Answer every record not yet in ``out``; returns counts ``{"done", "skipped", "errors"}``.
+
+    Batches are fixed: batch b holds rows ``b*batch_size …`` of ``records``, whatever is already done
+    (a resumed run leaves out the rows done, it does not shift later rows into other batches).
+    ``batches``: only these batch numbers (a rank's share of a sharded run; :mod:`.shard`).
+    ``also_done``: other prediction files whose keys count as done."""
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}")
     out = Path(out)
@@ -129,19 +141,26 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     errors_path = out.with_name(out.stem + ".errors.jsonl")
     _repair_tail(out)
     done = read_done(out)
+    for other in also_done:
+        done |= read_done(Path(other))
     errors = read_errors(errors_path)
     if any(k in done for k in errors) or (errors_path.exists() and not errors):
         errors = {k: e for k, e in errors.items() if k not in done}
         write_errors(errors_path, errors)
     keys = row_keys(records)
-    todo = [(k, r) for k, r in zip(keys, records) if k not in done]
+    groups = shard.batches(len(records), batch_size)
+    if batches is not None:
+        groups = [groups[b] for b in batches]
+    todo = [[(keys[i], records[i]) for i in g if keys[i] not in done] for g in groups]
     by_id = {r.slide_id: r.h5_path for r in records}
     partner = shuffle_partner(list(by_id)) if ablate == "shuffle" else {}
-    counts = {"done": 0, "skipped": len(records) - len(todo), "errors": 0}
+    n_todo = sum(len(c) for c in todo)
+    counts = {"done": 0, "skipped": sum(len(g) for g in groups) - n_todo, "errors": 0}
     with open(out, "a", encoding="utf-8") as fout, \
-            tqdm(total=len(todo), desc="predict", unit="row", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            tqdm(total=n_todo, desc="predict", unit="row", disable=not progress) as bar:
+        for chunk in todo:
+            if not chunk:
+                continue
             ok, slides, users, qtexts = [], [], [], []
             for key, r in chunk:
                 try:
@@ -201,14 +220,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                               "outputs by slide_id instead of running the tower")
 
 
+def merge_parts(out: Path, records: list[Record]) -> int:
+    """Rank 0 of a sharded run: fold every rank's part (and its errors file) into ``out`` and
+    ``OUT.errors.jsonl`` in manifest order (:func:`.shard.merge_jsonl`); returns the rows of
+    ``records`` still failing."""
+    out = Path(out)
+    keys = row_keys(records)
+    parts = shard.find_parts(out)
+    part_errors = [p.with_name(p.stem + ".errors.jsonl") for p in parts]
+    shard.merge_jsonl(out, keys, parts)
+    done = read_done(out)
+    errors_path = out.with_name(out.stem + ".errors.jsonl")
+    errors = read_errors(errors_path)
+    rank_of = {k: i for i, k in enumerate(keys)}
+    new = {}
+    for p in part_errors:
+        new.update(read_errors(p))
+    for k in sorted(new, key=lambda k: rank_of.get(k, len(rank_of))):
+        errors[k] = new[k]
+    errors = {k: e for k, e in errors.items() if k not in done}
+    write_errors(errors_path, errors)
+    for p in part_errors:
+        p.unlink(missing_ok=True)
+    return sum(k in errors for k in keys)
+
+
+def _summary(counts: dict, out: str) -> str:
+    return (f"{counts['done']} answered, {counts['skipped']} already done, {counts['errors']} unreadable "
+            f"(see {Path(out).stem}.errors.jsonl)" if counts["errors"] else
+            f"{counts['done']} answered, {counts['skipped']} already done -> {out}")
+
+
 def main(args: argparse.Namespace) -> int:
-    assistant = SlideAssistant.from_pretrained(args.model, tower_cache=getattr(args, "tower_cache", None),
-                                               device=args.device, precision=args.precision,
-                                               force_precision=args.force_precision)
-    records = select(load_manifest(args.data, split=args.split), getattr(args, "category", None), getattr(args, "limit", None))
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    counts = predict(assistant, records, Path(args.out), args.batch_size, settings, args.ablate, args.explain)
-    print(f"{counts['done']} answered, {counts['skipped']} already done, {counts['errors']} unreadable "
-          f"(see {Path(args.out).stem}.errors.jsonl)" if counts["errors"] else
-          f"{counts['done']} answered, {counts['skipped']} already done -> {args.out}")
-    return 1 if counts["errors"] else 0
+    with shard.sharded() as sh:
+        assistant = SlideAssistant.from_pretrained(args.model, tower_cache=getattr(args, "tower_cache", None),
+                                                   device=shard.device_for(args.device, sh),
+                                                   precision=args.precision, force_precision=args.force_precision)
+        records = select(load_manifest(args.data, split=args.split), getattr(args, "category", None),
+                         getattr(args, "limit", None))
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        out = Path(args.out)
+        if sh is None:
+            counts = predict(assistant, records, out, args.batch_size, settings, args.ablate, args.explain)
+            print(_summary(counts, args.out))
+            return 1 if counts["errors"] else 0
+        # sharded: whole batches per rank, balanced by tiles; each rank appends to its own part file
+        groups = shard.batches(len(records), args.batch_size)
+
+        def batch_tiles() -> list[int]:
+            n = shard.tile_counts([r.h5_path for r in records], assistant.patches_per_wsi)
+            return [sum(n[i] for i in g) for g in groups]
+
+        weights = sh.from_main(batch_tiles)
+        mine = shard.balance(weights, sh.world)[sh.rank]
+        stale = [p for p in shard.find_parts(out) if p != sh.part_path(out)]
+        stale = [p for p in stale if not p.name.endswith(f"-of-{sh.world}{out.suffix}")]
+        counts = predict(assistant, records, sh.part_path(out), args.batch_size, settings, args.ablate, args.explain,
+                         progress=sh.is_main, batches=mine, also_done=[out, *stale])
+        print(f"rank {sh.rank}/{sh.world}: {_summary(counts, str(sh.part_path(out)))}", flush=True)
+        sh.barrier()
+        failing = merge_parts(out, records) if sh.is_main else 0
+        totals = sh.total([counts["done"], counts["skipped"], failing])
+        if sh.is_main:
+            print(_summary({"done": totals[0], "skipped": totals[1], "errors": totals[2]}, args.out)
+                  + f" (merged from {sh.world} processes)")
+        return 1 if totals[2] else 0
