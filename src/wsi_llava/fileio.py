@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import WsiLlavaError
+
 DISK_FULL_FREE_BYTES = 16 * 2**20
 """A write that failed without an errno (torch's ``[enforce fail at inline_container.cc…]``) counts as
 "disk full" when less than this is free on the target's file system."""
@@ -14,11 +16,17 @@ _DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceede
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it into place."""
+    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it into place. On any
+    error (a full disk: see :func:`write_error_text`) the temporary file is removed and ``path`` is
+    left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -64,3 +72,13 @@ def write_error_text(error: BaseException, path: str | os.PathLike) -> str:
     if is_disk_full(error, path):
         return f"disk full while writing {where} ({type(error).__name__}: {error})"
     return f"{type(error).__name__}: {error}"
+
+
+def disk_full_error(error: BaseException, path: str | os.PathLike, target: str | os.PathLike) -> WsiLlavaError | None:
+    """``could not write TARGET: disk full while writing PATH (…)`` as a :class:`WsiLlavaError` (one
+    line, exit 2) when ``error``, raised writing ``path`` (e.g. the temporary file of ``target``), is a
+    full disk (:func:`is_disk_full`); None for any other error, which the caller re-raises."""
+    if not is_disk_full(error, path):
+        return None
+    return WsiLlavaError(f"could not write {os.fspath(target)}: {write_error_text(error, path)}. Nothing was left "
+                         "behind; free space and run again")
