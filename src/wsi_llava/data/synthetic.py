@@ -212,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="norm of the diagnosis prototype")
     parser.add_argument("--stain-strength", type=float, default=SynthConfig.stain_strength,
                         help="per-slide offset along the diagnosis directions (defeats mean pooling)")
+    parser.add_argument("--kinds", default=",".join(SynthConfig.question_kinds),
+                        help="rows per slide, comma-separated: mc (multiple choice), yn, open, report "
+                             "(default: %(default)s)")
     parser.add_argument("--shuffle-choices", action="store_true", help="shuffle diagnosis options per slide")
     parser.add_argument("--seed", type=int, default=0, help="seed")
 
@@ -220,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = SynthConfig(n_train=args.n_train, n_test=args.n_test, feature_dim=args.feature_dim,
                       min_tiles=args.min_tiles, max_tiles=args.max_tiles, signal_fraction=args.signal_fraction,
                       signal_strength=args.signal_strength, stain_strength=args.stain_strength,
+                      question_kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
                       shuffle_choices=args.shuffle_choices, seed=args.seed)
     cohort = make_cohort(args.out, cfg)
     print(f"wrote {len(cohort.slides)} slides to {cohort.root / 'slides'}")
