@@ -342,6 +342,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str 
         raise ConfigError(f"{source}: unknown config key(s): {', '.join(msgs)}")
     if dead:
         logger.warning("%s: ignoring keys that have no effect in WSI-LLaVA: %s", source, ", ".join(sorted(dead)))
+    ds = training.get("deepspeed")
+    if isinstance(ds, str) and ds and not ds.lstrip().startswith("{"):  # a DeepSpeed JSON file, as LLaMA-Factory
+        path = Path(base_dir, ds).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"{source}: deepspeed: {path} not found (configs/ds_zero2.json and "
+                              f"configs/ds_zero3.json ship with the repository)")
+        training["deepspeed"] = str(path)
     cfg = TrainConfig(ModelArguments(**values["model"]), DataArguments(**values["data"]),
                       FinetuningArguments(**values["finetuning"]), training, source, Path(base_dir).resolve(),
                       ContrastiveArguments(**values["contrastive"]))
