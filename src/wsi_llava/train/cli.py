@@ -37,6 +37,10 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     check_input_files(cfg)
+    from .final import marker_stamp
+
+    out_dir = cfg.resolve(cfg.training["output_dir"])
+    stamp = marker_stamp(out_dir)
     try:
         if cfg.finetuning.stage == "contrastive":
             from .contrastive import run_contrastive
@@ -48,5 +52,8 @@ def main(args: argparse.Namespace) -> int:
             out = run_sft(cfg)
     except MissingFileError as e:  # a path from the config (llm_name_or_path, …): say which config
         raise ConfigError(f"{cfg.source}: {e}") from e
-    print(f"saved to {out}")
+    if stamp is not None and marker_stamp(out_dir) == stamp:  # no final save happened: nothing was left to do
+        print(f"already complete: {out} (nothing to do)")
+    else:
+        print(f"saved to {out}")
     return 0

@@ -7,10 +7,13 @@ under the Hugging Face ``Trainer`` (so ``torchrun`` runs it on several processes
 the *whole* validation set and logs slide→text and text→slide R@1/5/10 and mean/median rank
 (:mod:`wsi_llava.eval.retrieval`) and the whole-set loss as ``eval_loss``.
 
-Writes to ``output_dir``: ``contrastive_config.json`` (at the start), ``checkpoint-N/`` (Trainer),
+Writes to ``output_dir``: ``contrastive_config.json`` (before training), ``checkpoint-N/`` (Trainer),
 and at the end ``model.safetensors`` (every weight), ``tower.safetensors`` (the slide encoder with
-GigaPath key names — the stage-2 ``vision_tower``), ``metrics.json``, ``log_history.json`` and
-``train_config.yaml``; each file written to a temporary name and renamed.
+GigaPath key names — the stage-2 ``vision_tower``), ``metrics.json`` (with an evaluation set),
+``log_history.json`` and ``train_config.yaml``, all written into ``.final.tmp/`` and moved into place,
+then ``run_complete.json``. A finished run is final, as in stages 2 and 3 (:mod:`wsi_llava.train.final`):
+a rerun with ``resume_from_checkpoint`` and the same config changes nothing, and a kill during the final
+save is finished from the last checkpoint without training.
 """
 
 from __future__ import annotations
@@ -35,12 +38,19 @@ from ..data.slide_text import (
 )
 from ..data.slides import read_slide_meta
 from ..eval.retrieval import slide_text_retrieval
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, write_error_text
 from ..model.export import STAGE1_CONFIG
 from ..model.slide_text import SlideTextConfig, SlideTextModel, symmetric_nce
 from ..model.text_tower import load_text_tower, pad_token_id, tokenize_texts
 from ..precision import training_precision
-from .checkpoint import CrashSafeCheckpoints
+from . import final
+from .checkpoint import (
+    CheckpointError,
+    CrashSafeCheckpoints,
+    checkpoint_step,
+    load_checkpoint_weights,
+    resume_requested,
+)
 from .run import filter_invalid, load_records, resolve_datasets
 from .trainer import EpochCallback
 
@@ -141,6 +151,13 @@ class ContrastiveTrainer(CrashSafeCheckpoints, Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Whole-set retrieval metrics and loss, logged as ``{prefix}_s2t_r1`` … and ``{prefix}_loss``."""
+        metrics = self.retrieval_metrics(eval_dataset, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def retrieval_metrics(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """What :meth:`evaluate` logs, without logging it; sets :attr:`last_retrieval`."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluation needs an eval_dataset")
@@ -155,8 +172,6 @@ class ContrastiveTrainer(CrashSafeCheckpoints, Trainer):
                    f"{metric_key_prefix}_runtime": round(time.time() - start, 4)}
         self.last_retrieval = {"retrieval": retrieval, "chance": chance, "n_pairs": len(keys),
                                "loss": metrics[f"{metric_key_prefix}_loss"], "temperature": float(1.0 / scale)}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
 
@@ -190,6 +205,53 @@ def save_stage1(model: SlideTextModel, out_dir: Path) -> None:
     save_tower(model.slide_tower, out_dir / "tower.safetensors")
 
 
+def final_summary(trainer: ContrastiveTrainer, eval_ds, load_best: bool) -> dict | None:
+    """``metrics.json``: the whole validation set scored with the final weights (the evaluation of the
+    last step is reused when it scored these weights; else evaluated and logged now), with the
+    history of every evaluation. None without an evaluation set."""
+    if eval_ds is None:
+        return None
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_s2t_r1" in h), None)
+    if last is None or last.get("step") != trainer.state.global_step or load_best:
+        trainer.evaluate()
+    elif trainer.last_retrieval is None:  # finishing a save: the last step's evaluation, not logged twice
+        trainer.retrieval_metrics(eval_ds)
+    history = [{k: v for k, v in h.items() if k.startswith("eval_") or k in ("step", "epoch")}
+               for h in trainer.state.log_history if "eval_s2t_r1" in h]
+    r, ch = trainer.last_retrieval["retrieval"], trainer.last_retrieval["chance"]
+    logger.info("validation retrieval: slide→text R@1 %.3f (chance %.3f), text→slide R@1 %.3f (chance %.3f)",
+                r["s2t_r1"], ch["s2t_r1"], r["t2s_r1"], ch["t2s_r1"])
+    return {"step": trainer.state.global_step, **trainer.last_retrieval, "history": history}
+
+
+def save_final(model: SlideTextModel, cfg: TrainConfig, out_dir: Path, log_history: list[dict], summary: dict | None,
+               step: int, max_steps: int) -> None:
+    """The final stage-1 files, written into ``.final.tmp`` and moved into place
+    (:func:`~wsi_llava.train.final.publish_final`; a full disk says so and leaves no temporary files),
+    then the completion marker ``run_complete.json``."""
+    def write(tmp: Path) -> None:
+        save_stage1(model, tmp)
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(_config_dump(cfg), sort_keys=False), encoding="utf-8")
+        (tmp / "log_history.json").write_text(json.dumps(log_history, indent=1), encoding="utf-8")
+        if summary is not None:
+            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final.remove_marker(out_dir)
+    files = final.publish_final(out_dir, write)
+    final.write_marker(out_dir, step, max_steps, final.config_identity(_config_dump(cfg)), files)
+
+
+def write_stage1_config(out_dir: Path, description: dict) -> None:
+    """``contrastive_config.json`` (atomically); a full disk says so and leaves no temporary file."""
+    path = out_dir / STAGE1_CONFIG
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(description, indent=2))
+    except OSError as e:  # atomic_write_text removed its temporary file
+        raise CheckpointError(f"could not write {path}: {write_error_text(e, path)}") from e
+
+
 def run_contrastive(cfg: TrainConfig) -> Path:
     """Train stage 1 as configured; returns the output folder (see the module docstring)."""
     from transformers import TrainingArguments, set_seed
@@ -197,6 +259,13 @@ def run_contrastive(cfg: TrainConfig) -> Path:
     training = dict(cfg.training)
     out_dir = Path(cfg.resolve(training["output_dir"]))
     training["output_dir"] = str(out_dir)
+    identity = final.config_identity(_config_dump(cfg))
+    if resume_requested(training.get("resume_from_checkpoint")):
+        done = final.finished_run(out_dir, identity)
+        if done is not None:  # a finished run is final: nothing is read beyond the marker, nothing written
+            logger.info("run already complete: %s holds the final model of step %d (%s); nothing to do",
+                        out_dir, done["step"], final.MARKER_NAME)
+            return out_dir
     seed = int(training.get("seed", 42))
     set_seed(seed)
     train_pairs = load_pairs(cfg, cfg.data.dataset, cfg.data.split, None, out_dir, "dataset")
@@ -221,30 +290,51 @@ def run_contrastive(cfg: TrainConfig) -> Path:
                 "%d trainable parameter(s)", args.world_size, len(train_ds), len(eval_pairs),
                 "frozen" if model.cfg.freeze_slide_tower else "trainable",
                 "frozen" if model.cfg.freeze_text_tower else "trainable", n_train)
-    if args.process_index == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / STAGE1_CONFIG, json.dumps(stage1_description(cfg, model, feature_dim), indent=2))
     trainer = ContrastiveTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  data_collator=SlideTextCollator(pad_token_id(tokenizer)), processing_class=tokenizer,
                                  callbacks=[EpochCallback(train_ds)], checkpoint_limit=checkpoint_limit)
-    trainer.train(resume_from_checkpoint=resume or None)
-    final = None
-    if eval_ds is not None:  # the whole validation set with the final weights (reused if just evaluated)
-        last = next((h for h in reversed(trainer.state.log_history) if "eval_s2t_r1" in h), None)
-        final = last if last is not None and last.get("step") == trainer.state.global_step \
-            and trainer.last_retrieval is not None and not args.load_best_model_at_end else trainer.evaluate()
+    checkpoint = trainer.find_resume(resume)
+    if checkpoint is not None:
+        step = checkpoint_step(checkpoint)
+        max_steps = args.max_steps if args.max_steps > 0 else \
+            trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+        if step >= max_steps:  # nothing left to train: never resume into more steps
+            marker = final.read_marker(out_dir)
+            if marker is not None and int(marker["step"]) == step:
+                logger.info("run already complete: %s holds the final model of step %d; nothing left to train "
+                            "(max_steps %d; config changed since: %s); nothing to do", out_dir, step, max_steps,
+                            final.config_changes(marker.get("config", {}), identity) or "nothing that matters")
+                return out_dir
+            _finish_without_training(trainer, cfg, out_dir, Path(checkpoint), max_steps, feature_dim)
+            return out_dir
     if trainer.is_world_process_zero():
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        save_stage1(unwrapped, out_dir)
-        atomic_write_text(out_dir / "train_config.yaml", yaml.safe_dump(_config_dump(cfg), sort_keys=False))
-        atomic_write_text(out_dir / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
-        if final is not None:
-            history = [{k: v for k, v in h.items() if k.startswith("eval_") or k in ("step", "epoch")}
-                       for h in trainer.state.log_history if "eval_s2t_r1" in h]
-            summary = {"step": trainer.state.global_step, **trainer.last_retrieval, "history": history}
-            atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
-            r, ch = trainer.last_retrieval["retrieval"], trainer.last_retrieval["chance"]
-            logger.info("validation retrieval: slide→text R@1 %.3f (chance %.3f), text→slide R@1 %.3f (chance %.3f)",
-                        r["s2t_r1"], ch["s2t_r1"], r["t2s_r1"], ch["t2s_r1"])
+        final.remove_marker(out_dir)  # the final model is about to change
+        write_stage1_config(out_dir, stage1_description(cfg, model, feature_dim))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    summary = final_summary(trainer, eval_ds, args.load_best_model_at_end)
+    if trainer.is_world_process_zero():
+        save_final(trainer.accelerator.unwrap_model(trainer.model), cfg, out_dir, trainer.state.log_history, summary,
+                   trainer.state.global_step, trainer.state.max_steps)
     return out_dir
 
+
+def _finish_without_training(trainer: ContrastiveTrainer, cfg: TrainConfig, out_dir: Path, checkpoint: Path,
+                             max_steps: int, feature_dim: int) -> None:
+    """The newest checkpoint is the end of training but the final save did not finish (killed, disk
+    full): write the final files from it as the end of training would have (the best checkpoint's
+    weights with ``load_best_model_at_end``, the validation set scored with them), training nothing."""
+    from transformers import TrainerState
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    step = checkpoint_step(checkpoint)
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    weights = final.final_weights(checkpoint, state.best_model_checkpoint, trainer.args.load_best_model_at_end)
+    logger.info("%s is the end of training (step %d of %d); writing the final model from %s without training",
+                checkpoint, step, max_steps, weights)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    load_checkpoint_weights(model, weights)
+    trainer.state = state  # the run's log history, step and epoch, as at the end of training
+    summary = final_summary(trainer, trainer.eval_dataset, trainer.args.load_best_model_at_end)
+    if trainer.is_world_process_zero():
+        write_stage1_config(out_dir, stage1_description(cfg, model, feature_dim))
+        save_final(model, cfg, out_dir, state.log_history, summary, step, max_steps)

@@ -1,4 +1,4 @@
-"""The end of a stage-2/3 run: the final save, the completion marker, and what a rerun does.
+"""The end of a training run (stages 1, 2 and 3): the final save, the completion marker, and what a rerun does.
 
 A finished run is final. After the final model, ``log_history.json`` and ``training_loss.png`` are
 in place, ``OUTPUT/run_complete.json`` is written (through a temporary file, fsynced, renamed):
@@ -14,7 +14,9 @@ settings); ``files`` lists every file the final save wrote. The marker is remove
 the output folder changes (a fresh start, more training, or finishing a save), so it is only ever
 present beside a complete final model.
 
-What ``resume_from_checkpoint`` (true or a path) does, in order (:func:`wsi_llava.train.run.run_sft`):
+What ``resume_from_checkpoint`` (true or a path) does, in order (:func:`wsi_llava.train.run.run_sft`;
+:func:`wsi_llava.train.contrastive.run_contrastive` for stage 1, whose final files are ``model.safetensors``,
+``tower.safetensors``, ``train_config.yaml``, ``log_history.json`` and ``metrics.json``):
 
 1. the marker is present, its files have their recorded sizes and the config is the same → nothing
    to do: one log line, exit 0, nothing read beyond the marker, nothing written;
@@ -37,7 +39,13 @@ import time
 from pathlib import Path
 
 from ..fileio import write_error_text
-from .checkpoint import CheckpointError, fsync_dir, fsync_file, sha256_file
+from .checkpoint import (
+    CheckpointError,
+    fsync_dir,
+    fsync_file,
+    sha256_file,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +141,17 @@ def remove_marker(out_dir: str | os.PathLike) -> None:
         fsync_dir(path.parent)
 
 
+def marker_stamp(out_dir: str | os.PathLike) -> tuple[int, int, int] | None:
+    """``(inode, mtime_ns, size)`` of the marker, None when there is none. Every final save removes the
+    marker first and writes a new one last, so a run that leaves the stamp as it was wrote no final
+    model: it was already complete (what ``wsi-llava train`` prints)."""
+    try:
+        st = (Path(out_dir) / MARKER_NAME).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def finished_run(out_dir: str | os.PathLike, identity: dict) -> dict | None:
     """The valid marker of ``out_dir`` when it was written for the same config (rule 1), else None."""
     marker = read_marker(out_dir)
@@ -182,3 +201,19 @@ def publish_final(out_dir: str | os.PathLike, write) -> list[str]:
     tmp.rmdir()
     fsync_dir(out_dir)
     return files
+
+
+def final_weights(checkpoint: Path, best_model_checkpoint: str | None, load_best_model_at_end: bool) -> Path:
+    """The checkpoint whose weights the end of training would have left in the model: the best one
+    (``load_best_model_at_end``; looked for where it was saved and beside ``checkpoint``, as the run
+    folder may have moved) when it verifies, else ``checkpoint`` itself."""
+    if load_best_model_at_end and best_model_checkpoint:
+        best = Path(best_model_checkpoint)
+        for candidate in (best, checkpoint.parent / best.name):
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointError as e:
+                logger.warning("best checkpoint %s cannot be used (%s)", candidate, e)
+                continue
+            return candidate
+    return checkpoint

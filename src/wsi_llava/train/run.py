@@ -18,11 +18,9 @@ from ..data.slides import read_slide_meta
 from ..model.wsi_llava import WsiLlavaForConditionalGeneration, load_wsi_llava
 from . import final
 from .checkpoint import (
-    CheckpointError,
     checkpoint_step,
     load_checkpoint_weights,
     resume_requested,
-    verify_checkpoint,
 )
 from .stages import load_projector, merge_lora, save_projector, set_trainable
 
@@ -283,17 +281,7 @@ def _finish_without_training(trainer, model, tokenizer, cfg: TrainConfig, out_di
                     final.config_changes(marker.get("config", {}), identity) or "nothing that matters")
         return
     state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
-    weights = checkpoint
-    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
-        best = Path(state.best_model_checkpoint)
-        for candidate in (best, checkpoint.parent / best.name):  # the run folder may have moved
-            try:
-                verify_checkpoint(candidate)
-            except CheckpointError as e:
-                logger.warning("best checkpoint %s cannot be used (%s)", candidate, e)
-                continue
-            weights = candidate
-            break
+    weights = final.final_weights(checkpoint, state.best_model_checkpoint, trainer.args.load_best_model_at_end)
     logger.info("%s is the end of training (step %d of %d); writing the final model from %s without training",
                 checkpoint, step, max_steps, weights)
     load_checkpoint_weights(model, weights)
