@@ -278,7 +278,7 @@ def restore_words(raw: dict[str, Any], text: str) -> dict[str, Any]:
     flagged = [k for k, v in raw.items() if isinstance(v, bool)]
     if not flagged:
         return raw
-    words = yaml.load(text, Loader=_WordLoader) or {}  # noqa: S506 - a SafeLoader subclass
+    words = yaml.load(text, Loader=_WordLoader) or {}  # a SafeLoader subclass: no arbitrary objects
     out = dict(raw)
     for key in flagged:
         word = words.get(key) if isinstance(words, dict) else None

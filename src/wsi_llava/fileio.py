@@ -80,5 +80,6 @@ def disk_full_error(error: BaseException, path: str | os.PathLike, target: str |
     full disk (:func:`is_disk_full`); None for any other error, which the caller re-raises."""
     if not is_disk_full(error, path):
         return None
-    return WsiLlavaError(f"could not write {os.fspath(target)}: {write_error_text(error, path)}. Nothing was left "
-                         "behind; free space and run again")
+    where = " ".join(write_error_text(error, path).split())  # one line: HDF5's messages span several
+    return WsiLlavaError(f"could not write {os.fspath(target)}: {where}. Nothing was left behind; free space and "
+                         "run again")

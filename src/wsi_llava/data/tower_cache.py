@@ -41,6 +41,7 @@ import h5py
 import numpy as np
 
 from ..errors import WsiLlavaError
+from ..fileio import disk_full_error
 from . import h5safety
 from .h5layout import FileReader
 from .h5safety import SlideError
@@ -152,6 +153,12 @@ def write_cache_file(path: str | os.PathLike, *, tokens: np.ndarray, cls_token: 
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, tmp, path)
+        if full is not None:
+            raise full from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingFileError
+from ..fileio import disk_full_error
 from .slide_encoder import SlideEncoder, SlideEncoderConfig, load_slide_encoder
 
 #: Key prefixes under which trained models hold the slide encoder (stage 1, stage 2/3).
@@ -152,6 +153,12 @@ def save_tower(encoder: SlideEncoder, out: str | os.PathLike) -> Path:
         else:
             torch.save({"model": sd}, str(tmp))
         os.replace(tmp, out)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, tmp, out)
+        if full is not None:
+            raise full from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return out
