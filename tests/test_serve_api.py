@@ -278,6 +278,7 @@ def test_full_queue_answers_429(tiny, assistant):
     app = create_app(_config(tiny, max_batch=1, queue_size=1), assistant)
     with running(app) as url:
         body = {"model": MODEL, "messages": _ask(tiny.slide_ids[0], "What is the diagnosis?"), "max_tokens": 64}
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200  # slide now cached
 
         async def burst():
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
@@ -285,7 +286,8 @@ def test_full_queue_answers_429(tiny, assistant):
 
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
-        assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 2, codes
+        # one slot in the queue (plus the row being generated, if the worker took one in time): most are refused
+        assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 1, codes
         busy = next(r for r in responses if r.status_code == 429)
         _is_openai_error(busy, 429, "queue_full")
         assert busy.headers["retry-after"] == "1"
