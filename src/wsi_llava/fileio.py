@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -83,3 +84,20 @@ def disk_full_error(error: BaseException, path: str | os.PathLike, target: str |
     where = " ".join(write_error_text(error, path).split())  # one line: HDF5's messages span several
     return WsiLlavaError(f"could not write {os.fspath(target)}: {where}. Nothing was left behind; free space and "
                          "run again")
+
+
+@contextlib.contextmanager
+def publishing(tmp: str | os.PathLike, target: str | os.PathLike):
+    """Around writing ``tmp`` and renaming it onto ``target``: on any error ``tmp`` is removed, and an
+    error caused by a full disk is raised as :func:`disk_full_error` (one line naming the path)."""
+    tmp = Path(tmp)
+    try:
+        yield tmp
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, tmp, target)
+        if full is not None:
+            raise full from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)

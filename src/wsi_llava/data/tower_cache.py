@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 
 from ..errors import WsiLlavaError
-from ..fileio import disk_full_error
+from ..fileio import publishing
 from . import h5safety
 from .h5layout import FileReader
 from .h5safety import SlideError
@@ -138,7 +138,7 @@ def write_cache_file(path: str | os.PathLike, *, tokens: np.ndarray, cls_token: 
         raise ValueError(f"{path}: inconsistent tower outputs: {', '.join(bad)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with publishing(tmp, path):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("tokens", data=np.asarray(tokens, dtype=np.float16))
             f.create_dataset("cls_token", data=np.asarray(cls_token, dtype=np.float32))
@@ -153,14 +153,6 @@ def write_cache_file(path: str | os.PathLike, *, tokens: np.ndarray, cls_token: 
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        full = disk_full_error(e, tmp, path)
-        if full is not None:
-            raise full from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..data.collate import pad_tiles
 from ..data.manifest import Record, load_manifest
 from ..data.slides import SlideError, load_slide
-from ..fileio import disk_full_error
+from ..fileio import publishing
 from ..model.slide_encoder import SlideEncoder
 from ..precision import Precision, add_precision_arguments, resolve_precision
 from . import shard
@@ -95,7 +95,7 @@ def write_embeddings(out: str | os.PathLike, slides: list[Record], embeddings: n
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with publishing(tmp, out):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("embeddings", data=embeddings.astype(np.float32))
             f.create_dataset("n_tiles", data=n_tiles)
@@ -106,14 +106,6 @@ def write_embeddings(out: str | os.PathLike, slides: list[Record], embeddings: n
                 f.attrs[k] = v
             f.attrs["dim"] = int(embeddings.shape[1])
         os.replace(tmp, out)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        full = disk_full_error(e, tmp, out)
-        if full is not None:
-            raise full from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingFileError
-from ..fileio import disk_full_error
+from ..fileio import publishing
 from .slide_encoder import SlideEncoder, SlideEncoderConfig, load_slide_encoder
 
 #: Key prefixes under which trained models hold the slide encoder (stage 1, stage 2/3).
@@ -144,7 +144,7 @@ def save_tower(encoder: SlideEncoder, out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with publishing(tmp, out):
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -153,14 +153,6 @@ def save_tower(encoder: SlideEncoder, out: str | os.PathLike) -> Path:
         else:
             torch.save({"model": sd}, str(tmp))
         os.replace(tmp, out)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        full = disk_full_error(e, tmp, out)
-        if full is not None:
-            raise full from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

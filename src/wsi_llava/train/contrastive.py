@@ -49,7 +49,6 @@ from .checkpoint import (
     CrashSafeCheckpoints,
     checkpoint_step,
     load_checkpoint_weights,
-    resume_requested,
 )
 from .run import filter_invalid, load_records, resolve_datasets
 from .trainer import EpochCallback
@@ -260,12 +259,8 @@ def run_contrastive(cfg: TrainConfig) -> Path:
     out_dir = Path(cfg.resolve(training["output_dir"]))
     training["output_dir"] = str(out_dir)
     identity = final.config_identity(_config_dump(cfg))
-    if resume_requested(training.get("resume_from_checkpoint")):
-        done = final.finished_run(out_dir, identity)
-        if done is not None:  # a finished run is final: nothing is read beyond the marker, nothing written
-            logger.info("run already complete: %s holds the final model of step %d (%s); nothing to do",
-                        out_dir, done["step"], final.MARKER_NAME)
-            return out_dir
+    if final.nothing_to_do(out_dir, identity, training.get("resume_from_checkpoint")):
+        return out_dir  # a finished run is final: nothing is read beyond the marker, nothing written
     seed = int(training.get("seed", 42))
     set_seed(seed)
     train_pairs = load_pairs(cfg, cfg.data.dataset, cfg.data.split, None, out_dir, "dataset")

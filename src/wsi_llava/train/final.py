@@ -43,6 +43,7 @@ from .checkpoint import (
     CheckpointError,
     fsync_dir,
     fsync_file,
+    resume_requested,
     sha256_file,
     verify_checkpoint,
 )
@@ -158,6 +159,19 @@ def finished_run(out_dir: str | os.PathLike, identity: dict) -> dict | None:
     if marker is not None and marker.get("config_sha256") == config_sha256(identity):
         return marker
     return None
+
+
+def nothing_to_do(out_dir: str | os.PathLike, identity: dict, resume) -> bool:
+    """True (logged in one line) when ``resume_from_checkpoint`` is on and ``out_dir`` already holds the
+    finished run of this config: the caller returns without reading or writing anything else."""
+    if not resume_requested(resume):
+        return False
+    done = finished_run(out_dir, identity)
+    if done is None:
+        return False
+    logger.info("run already complete: %s holds the final model of step %d (%s); nothing to do",
+                out_dir, done["step"], MARKER_NAME)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from . import final
 from .checkpoint import (
     checkpoint_step,
     load_checkpoint_weights,
-    resume_requested,
 )
 from .stages import load_projector, merge_lora, save_projector, set_trainable
 
@@ -196,12 +195,8 @@ def run_sft(cfg: TrainConfig) -> Path:
     out_dir = Path(cfg.resolve(training["output_dir"]))
     training["output_dir"] = str(out_dir)
     identity = final.config_identity(_config_dump(cfg))
-    if resume_requested(training.get("resume_from_checkpoint")):
-        done = final.finished_run(out_dir, identity)
-        if done is not None:  # a finished run is final: nothing is read beyond the marker, nothing written
-            logger.info("run already complete: %s holds the final model of step %d (%s); nothing to do",
-                        out_dir, done["step"], final.MARKER_NAME)
-            return out_dir
+    if final.nothing_to_do(out_dir, identity, training.get("resume_from_checkpoint")):
+        return out_dir  # a finished run is final: nothing is read beyond the marker, nothing written
     seed = int(training.get("seed", 42))
     set_seed(seed)
     train_records = load_records(resolve_datasets(cfg.data.dataset, cfg), cfg.data.split)
