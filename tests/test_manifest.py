@@ -177,3 +177,38 @@ def test_record_kind_property():
     assert Record(question="Q", answer="A", **base).kind == "vqa"
     assert Record(question="", answer="", **{**base, "caption": "c"}).kind == "report"
     assert Record(question="Q", answer="B", **{**base, "choices": ("x", "y")}).kind == "mc"
+
+
+def test_image_path_beside_or_instead_of_h5(tmp_path):
+    """``image_path`` resolves like ``h5_path``; with the column the ``h5_path`` column may be left out;
+    a missing image is a problem naming file, row and field; ``validate`` opens the image."""
+    import numpy as np
+    from PIL import Image
+
+    from wsi_llava.data.validate import validate_records
+
+    (tmp_path / "roi").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "roi" / "a.png")
+    (tmp_path / "roi" / "broken.png").write_bytes(b"not an image")
+    path = write(tmp_path, "image_path,caption,question,answer,slide_id,dataset\n"
+                           "roi/a.png,,Q?,A,a,d\nroi/gone.png,,Q?,A,b,d\nroi/broken.png,,Q?,A,c,d\n")
+    good, problems = read_manifest(path)
+    assert [r.image_path for r in good] == [str(tmp_path / "roi" / "a.png"), str(tmp_path / "roi" / "broken.png")]
+    assert good[0].h5_path == ""
+    [p] = problems
+    assert (p.row, p.field) == (3, "image_path") and "gone.png" in p.message and "m.csv line 3 [image_path]" in p.format()
+    with pytest.raises(ManifestError, match=r"line 3 \[image_path\]: ROI image not found"):
+        load_manifest(path)
+    [bad] = validate_records(good)
+    assert (bad.row, bad.field) == (4, "image_path") and "broken.png" in bad.message
+    # beside h5_path; a row with neither is still refused
+    both = write(tmp_path, HEADER + ",image_path\nx.h5,,Q?,A,a,d,roi/a.png\n,,Q?,A,b,d,\n", name="both.csv")
+    good, problems = read_manifest(both)
+    assert good[0].h5_path == str(tmp_path / "x.h5") and good[0].image_path.endswith("a.png")
+    assert [(p.row, p.field) for p in problems] == [(3, "h5_path")]
+    # sharegpt: an image in `images` becomes image_path
+    sg = tmp_path / "sg.jsonl"
+    sg.write_text(json.dumps({"images": ["roi/a.png"], "messages": [{"role": "user", "content": "<image>Q?"},
+                                                                    {"role": "assistant", "content": "A"}]}) + "\n")
+    [rec] = load_manifest(sg)
+    assert (rec.h5_path, rec.image_path, rec.slide_id) == ("", str(tmp_path / "roi" / "a.png"), "a")

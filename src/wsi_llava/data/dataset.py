@@ -28,6 +28,14 @@ class SlideQADataset(torch.utils.data.Dataset):
                  expected_dim: int | None = None, training: bool = False, seed: int = 0,
                  tower_cache: TowerCache | None = None):
         self.records = list(records)
+        image_only = [r for r in self.records if not r.h5_path and r.image_path]
+        if image_only:
+            from .manifest import ManifestError
+
+            raise ManifestError(
+                f"{image_only[0].where} [h5_path]: only an ROI image ({image_only[0].image_path}); training reads tile "
+                f"features: run `wsi-llava encode-roi --data MANIFEST --tile-weights W --out DIR` and train on "
+                f"DIR/manifest.csv ({len(image_only)} such row(s))")
         self.examples: list[Example] = [builder.build_record(r) for r in self.records]
         self.patches_per_wsi = int(patches_per_wsi)
         self.expected_dim = expected_dim

@@ -3,11 +3,13 @@
 Two input formats (``docs/architecture.md``, "Formats"):
 
 * **CSV** with required columns ``h5_path, caption, question, answer, slide_id, dataset`` and
-  optional ``choices, split, case_id, category``. ``row`` is the CSV line number with the header on
+  optional ``choices, split, case_id, category, image_path``. ``image_path`` is an ROI image
+  (PNG / JPEG / TIFF, ``ROI_SUFFIXES``) beside or instead of ``h5_path``; with an ``image_path``
+  column the ``h5_path`` column may be left out. Both resolve against the manifest's folder. ``row`` is the CSV line number with the header on
   line 1 (a quoted field spanning lines counts from the line the record starts on).
 * **LLaMA-Factory sharegpt JSON** (``.json`` list or ``.jsonl``, one object per line): each item has
   ``messages`` (``role``/``content``) or ``conversations`` (``from``/``value``) and ``images`` (one H5
-  path). Every user → assistant pair becomes one record; ``row`` is the item number (``.json``,
+  path, or one ROI image: a path ending in an ``ROI_SUFFIXES`` suffix becomes ``image_path``). Every user → assistant pair becomes one record; ``row`` is the item number (``.json``,
   1-based, so 0 can mean "the whole file") or the line number (``.jsonl``).
 
 :func:`read_manifest` is lenient: it returns the good records *and* a :class:`Problem` for every bad
@@ -35,7 +37,10 @@ MAX_JSON_DEPTH = 32
 MAX_MANIFEST_BYTES = 2**30
 
 REQUIRED_COLUMNS = ("h5_path", "caption", "question", "answer", "slide_id", "dataset")
-OPTIONAL_COLUMNS = ("choices", "split", "case_id", "category")
+OPTIONAL_COLUMNS = ("choices", "split", "case_id", "category", "image_path")
+
+#: suffixes of ROI images a manifest's ``image_path`` may name (the same list as ``infer/roi.py``)
+ROI_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 #: Manifest CSV columns in the order WSI-LLaVA writes them (required ones first).
@@ -115,6 +120,9 @@ class Record:
     """Manifest path this record came from."""
     row: int
     """CSV line number (header = 1), JSONL line number, or JSON item number (1-based)."""
+    image_path: str = ""
+    """Absolute path of an ROI image (PNG / JPEG / TIFF) for this row, or "" (resolved like ``h5_path``).
+    A row with an image and no ``h5_path`` is encoded by ``wsi-llava encode-roi`` or ``predict --tile-weights``."""
 
     @property
     def kind(self) -> str:
@@ -208,8 +216,13 @@ def _choices_tuple(value) -> tuple[str, ...] | None:
 def record_problems(rec: Record) -> list[tuple[str, str]]:
     """Content checks of one record → ``[(field, message)]`` (empty when the row is usable)."""
     out: list[tuple[str, str]] = []
-    if not rec.h5_path:
-        out.append(("h5_path", "empty; every row needs a slide H5 file"))
+    if not rec.h5_path and not rec.image_path:
+        out.append(("h5_path", "empty; every row needs a slide H5 file (or an ROI image in image_path)"))
+    if rec.image_path:
+        if not os.path.isfile(rec.image_path):
+            out.append(("image_path", f"ROI image not found: {rec.image_path}; check the path"))
+        elif not rec.image_path.lower().endswith(ROI_SUFFIXES):
+            out.append(("image_path", f"{rec.image_path}: not an ROI image; use one of {', '.join(ROI_SUFFIXES)}"))
     if not rec.slide_id:
         out.append(("slide_id", "empty"))
     if rec.question and not rec.answer:
@@ -352,7 +365,8 @@ def _read_csv(raw: bytes, source: str, split: str | None) -> _Rows:
     except csv.Error as e:
         return _Rows.failed([Problem(source, 1, "header", f"malformed CSV: {e}")])
     header = [h.strip() for h in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    required = [c for c in REQUIRED_COLUMNS if not (c == "h5_path" and "image_path" in header)]
+    missing = [c for c in required if c not in header]
     if missing:
         return _Rows.failed([
             Problem(
@@ -412,6 +426,7 @@ def _read_csv(raw: bytes, source: str, split: str | None) -> _Rows:
             category=_opt(get("category")),
             source=source,
             row=start,
+            image_path=_resolve(get("image_path"), base),
         )
         row_probs += record_problems(rec)
         rows.add(split, rec, [Problem(source, start, f, m) for f, m in row_probs])
@@ -482,6 +497,9 @@ def _read_sharegpt(
             bad("choices", str(e))
             continue
         h5 = _resolve(images[0], base)
+        image = ""
+        if images[0].strip().lower().endswith(ROI_SUFFIXES):
+            h5, image = "", h5
         slide_id = str(item.get("slide_id") or Path(images[0]).stem)
         pairs: list[tuple[str, str]] = []
         pending: str | None = None
@@ -517,7 +535,7 @@ def _read_sharegpt(
                 choices=choices, split=row_split,
                 case_id=_opt(str(item["case_id"])) if item.get("case_id") is not None else None,
                 category=_opt(str(item["category"])) if item.get("category") is not None else None,
-                source=source, row=row,
+                source=source, row=row, image_path=image,
             )
             rows.add(row_split, rec, [Problem(source, row, f, msg) for f, msg in record_problems(rec)])
     return rows

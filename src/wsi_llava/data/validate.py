@@ -1,6 +1,6 @@
 """Check manifests and their slide files in one pass: ``wsi-llava validate``.
 
-Every row and every H5 file is checked; each file is opened once however many rows share it.
+Every row, every H5 file and every ROI image (``image_path``: it must open as an image) is checked; each file is opened once however many rows share it.
 Every problem is reported with manifest row, file and field (:class:`Problem`); the command exits 1
 if there is any. Training uses :func:`validate_records` to refuse invalid data (or, with
 ``skip_invalid``, to skip the rows it names).
@@ -111,6 +111,15 @@ def validate_records(
     if bar is not None:
         bar.close()
 
+    images: dict[str, list[Record]] = defaultdict(list)
+    for rec in [*records, *files_only]:
+        if rec.image_path and os.path.isfile(rec.image_path):
+            images[rec.image_path].append(rec)
+    for path, recs in images.items():
+        msg = _check_image(path)
+        if msg:
+            problems += [Problem(r.source, r.row, "image_path", msg) for r in recs]
+
     if expected_dim is None and len(set(dims.values())) > 1:
         common, n_common = Counter(dims.values()).most_common(1)[0]
         for path, d in dims.items():
@@ -120,6 +129,18 @@ def validate_records(
                 problems += [Problem(r.source, r.row, "h5_path", msg) for r in by_file[path]]
     problems.sort(key=lambda p: (p.source, p.row))
     return problems
+
+
+def _check_image(path: str) -> str | None:
+    """Why the ROI image at ``path`` cannot be used, or None when it opens as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"{path}: does not open as an image ({type(e).__name__}: {e}); use PNG, JPEG or TIFF"
+    return None
 
 
 def item_key(rec: Record) -> tuple:
