@@ -134,3 +134,13 @@ def test_yaml_file_words_stay_strings_for_string_keys(tmp_path):
     # true/false written for a string key stay booleans (as on the command line)
     p.write_text("llm_name_or_path: x\ndataset: d\noutput_dir: o\nsave_strategy: false\n")
     assert load_config(p).training["save_strategy"] is False
+
+
+def test_vision_mode_roi_is_the_tile_feature_model():
+    """``vision_mode: roi`` (tile features of ROI images from encode-roi) is ``none`` for the model, or
+    ``wsi`` with a vision_tower; anything else is still refused naming the choices."""
+    base = {"llm_name_or_path": "x", "dataset": "d", "output_dir": "o"}
+    assert config_from_dict({**base, "vision_mode": "roi"}).model.vision_mode == "none"
+    assert config_from_dict({**base, "vision_mode": "roi", "vision_tower": "t.pth"}).model.vision_mode == "wsi"
+    with pytest.raises(ConfigError, match="'roi'"):
+        config_from_dict({**base, "vision_mode": "image"})

@@ -41,7 +41,9 @@ class ModelArguments:
     """A saved WSI-LLaVA folder to start from. The seed's placeholder value ``custom_llava`` means
     "build a new model from ``llm_name_or_path``"."""
     vision_mode: str = "none"
-    """``none``: tile features enter the projector directly; ``wsi``: the GigaPath slide encoder."""
+    """``none``: tile features enter the projector directly; ``wsi``: the GigaPath slide encoder; ``roi``: tile
+    features from an ROI image, produced by ``wsi-llava encode-roi`` (the model is then ``wsi`` when a
+    ``vision_tower`` is given, else ``none``)."""
     vision_tower: str | None = None
     """Slide-encoder weights (``slide_encoder.pth``, a state dict or safetensors) for ``vision_mode: wsi``;
     absent = random init (tests; logged as a warning); an empty value is an error."""
@@ -349,7 +351,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str 
             raise ConfigError(f"{source}: deepspeed: {path} not found (configs/ds_zero2.json and "
                               f"configs/ds_zero3.json ship with the repository)")
         training["deepspeed"] = str(path)
-    cfg = TrainConfig(ModelArguments(**values["model"]), DataArguments(**values["data"]),
+    model = ModelArguments(**values["model"])
+    if model.vision_mode == "roi":  # ROI tile features are tile features: the model is `wsi` or `none`
+        model.vision_mode = "wsi" if model.vision_tower else "none"
+    cfg = TrainConfig(model, DataArguments(**values["data"]),
                       FinetuningArguments(**values["finetuning"]), training, source, Path(base_dir).resolve(),
                       ContrastiveArguments(**values["contrastive"]))
     check_config(cfg)
@@ -372,8 +377,9 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(m, key)
         if isinstance(value, str) and not value.strip():
             raise ConfigError(f"{where}: {key} is empty; give {what}")
-    if m.vision_mode not in ("none", "wsi"):
-        raise ConfigError(f"{where}: vision_mode {m.vision_mode!r}; use 'none' or 'wsi' ('wsi' = GigaPath slide encoder)")
+    if m.vision_mode not in ("none", "wsi", "roi"):
+        raise ConfigError(f"{where}: vision_mode {m.vision_mode!r}; use 'none', 'wsi' ('wsi' = GigaPath slide encoder) "
+                          f"or 'roi' (tile features of ROI images from `wsi-llava encode-roi`)")
     if f.stage == "sft" and not (m.llm_name_or_path or m.model_name_or_path):
         raise ConfigError(f"{where}: set llm_name_or_path (a local folder with a causal LM)")
     if f.stage == "contrastive":

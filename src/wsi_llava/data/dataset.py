@@ -15,10 +15,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .manifest import Record
+from .manifest import ManifestError, Record
 from .prompts import Example, PromptBuilder
 from .slides import load_slide
 from .tower_cache import TowerCache
+
+
+def require_h5(records: list[Record]) -> None:
+    """Refuse rows that have only an ROI image (training reads tile features from H5 files)."""
+    image_only = [r for r in records if not r.h5_path and r.image_path]
+    if image_only:
+        raise ManifestError(
+            f"{image_only[0].where} [h5_path]: only an ROI image ({image_only[0].image_path}); training reads tile "
+            f"features: run `wsi-llava encode-roi --data MANIFEST --tile-weights W --out DIR` and train on "
+            f"DIR/manifest.csv ({len(image_only)} such row(s))")
 
 
 class SlideQADataset(torch.utils.data.Dataset):
@@ -28,14 +38,7 @@ class SlideQADataset(torch.utils.data.Dataset):
                  expected_dim: int | None = None, training: bool = False, seed: int = 0,
                  tower_cache: TowerCache | None = None):
         self.records = list(records)
-        image_only = [r for r in self.records if not r.h5_path and r.image_path]
-        if image_only:
-            from .manifest import ManifestError
-
-            raise ManifestError(
-                f"{image_only[0].where} [h5_path]: only an ROI image ({image_only[0].image_path}); training reads tile "
-                f"features: run `wsi-llava encode-roi --data MANIFEST --tile-weights W --out DIR` and train on "
-                f"DIR/manifest.csv ({len(image_only)} such row(s))")
+        require_h5(self.records)
         self.examples: list[Example] = [builder.build_record(r) for r in self.records]
         self.patches_per_wsi = int(patches_per_wsi)
         self.expected_dim = expected_dim

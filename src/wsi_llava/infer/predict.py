@@ -10,6 +10,10 @@ Line format: ``key, slide_id, question, reference, prediction, choices, kind, ca
 (``reference`` is the gold letter for multiple-choice rows, the caption for report rows), plus
 ``tiles``/``tile_scores``/``coords`` with ``--explain``.
 
+Rows with an ``image_path`` (ROI image) and no ``h5_path`` are encoded on the fly with ``--tile-weights``
+(and ``--tile-encoder``; each image once per run, :class:`~wsi_llava.infer.roi.RoiSlides`); without
+it each such row is an error saying to run ``wsi-llava encode-roi`` or pass ``--tile-weights``.
+
 Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), whole batches are shared out
 among the processes by tile count; each appends to ``OUT.rank{r}-of-{w}.jsonl`` (resumable per rank) and
 rank 0 then merges them into ``OUT`` in manifest order: the lines a single process writes, each row
@@ -32,6 +36,7 @@ from ..data.manifest import Record, choice_letter, load_manifest
 from ..data.prompts import record_turn
 from ..data.slides import SlideError
 from ..data.subset import add_subset_arguments, select
+from ..errors import WsiLlavaError
 from ..precision import add_precision_arguments
 from . import shard
 from .engine import GenerationSettings, SlideAssistant, zeros_like_slide
@@ -127,13 +132,16 @@ def shuffle_partner(slide_ids: list[str], seed: int = 0) -> dict[str, str]:
 
 def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_size: int = 8,
             settings: GenerationSettings | None = None, ablate: str = "none", explain: bool = False,
-            progress: bool = True, batches: list[int] | None = None, also_done: Sequence[Path] = ()) -> dict:
+            progress: bool = True, batches: list[int] | None = None, also_done: Sequence[Path] = (),
+            rois=None) -> dict:
     """Answer every record not yet in ``out``; returns counts ``{"done", "skipped", "errors"}``.
 
     Batches are fixed: batch b holds rows ``b*batch_size …`` of ``records``, whatever is already done
     (a resumed run leaves out the rows done, it does not shift later rows into other batches).
     ``batches``: only these batch numbers (a rank's share of a sharded run; :mod:`.shard`).
-    ``also_done``: other prediction files whose keys count as done."""
+    ``also_done``: other prediction files whose keys count as done.
+    ``rois``: image path → :class:`Slide` (a :class:`~wsi_llava.infer.roi.RoiSlides`) for rows with an
+    ``image_path`` and no ``h5_path``; None: such rows are errors."""
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}")
     out = Path(out)
@@ -152,7 +160,17 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     if batches is not None:
         groups = [groups[b] for b in batches]
     todo = [[(keys[i], records[i]) for i in g if keys[i] not in done] for g in groups]
-    by_id = {r.slide_id: r.h5_path for r in records}
+    by_id = {r.slide_id: r for r in records}
+
+    def load_row(rec: Record, sid: str):
+        if rec.h5_path:
+            return assistant.load(rec.h5_path, slide_id=sid)
+        if rois is None:
+            raise ValueError(f"{rec.where}: the row has only an ROI image ({rec.image_path}); run `wsi-llava "
+                             f"encode-roi --data MANIFEST --tile-weights W --out DIR` and predict on DIR/manifest.csv, "
+                             f"or pass --tile-weights to encode it now")
+        return rois(rec.image_path)
+
     partner = shuffle_partner(list(by_id)) if ablate == "shuffle" else {}
     n_todo = sum(len(c) for c in todo)
     counts = {"done": 0, "skipped": sum(len(g) for g in groups) - n_todo, "errors": 0}
@@ -165,8 +183,7 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
             for key, r in chunk:
                 try:
                     sid = partner[r.slide_id] if ablate == "shuffle" else r.slide_id
-                    path = by_id[sid] if ablate == "shuffle" else r.h5_path
-                    slide = assistant.load(path, slide_id=sid)
+                    slide = load_row(by_id[sid] if ablate == "shuffle" else r, sid)
                     if ablate == "zero":
                         slide = zeros_like_slide(slide)
                     user, _, qtext = record_turn(r)
@@ -218,6 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_subset_arguments(parser)
     parser.add_argument("--tower-cache", help="folder from `wsi-llava encode` (the model's tower): read cached tower "
                                               "outputs by slide_id instead of running the tower")
+    parser.add_argument("--tile-weights", help="tile encoder weights (.safetensors / .bin), local only: rows with "
+                                               "an image_path and no h5_path are encoded on the fly")
+    parser.add_argument("--tile-encoder", help="gigapath | uni | vit | timm:<arch> (default: the name in "
+                                               "--tile-weights' metadata); with --tile-weights")
 
 
 def merge_parts(out: Path, records: list[Record]) -> int:
@@ -260,8 +281,21 @@ def main(args: argparse.Namespace) -> int:
                          getattr(args, "limit", None))
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         out = Path(args.out)
+        rois = None
+        image_only = any(r.image_path and not r.h5_path for r in records)
+        if image_only and (sh is not None or (args.tile_weights and getattr(args, "tower_cache", None))):
+            raise WsiLlavaError("rows with only an ROI image (image_path, no h5_path) are encoded in the run: not "
+                                "with --tower-cache or a sharded launch; run `wsi-llava encode-roi` first and "
+                                "predict on its manifest")
+        if image_only and args.tile_weights:
+            from .roi import RoiSlides
+
+            cfg = assistant.model.config
+            rois = RoiSlides(args.tile_weights, args.tile_encoder, assistant.patches_per_wsi,
+                             cfg.vision_config.get("in_dim", cfg.mm_hidden_size))
         if sh is None:
-            counts = predict(assistant, records, out, args.batch_size, settings, args.ablate, args.explain)
+            counts = predict(assistant, records, out, args.batch_size, settings, args.ablate, args.explain,
+                             rois=rois)
             print(_summary(counts, args.out))
             return 1 if counts["errors"] else 0
         # sharded: whole batches per rank, balanced by tiles; each rank appends to its own part file

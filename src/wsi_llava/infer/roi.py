@@ -14,7 +14,7 @@ crop). With ``patches_per_wsi`` the tiles kept are those ``load_slide`` keeps in
 (:func:`~wsi_llava.data.slides.sample_indices` without a generator), and only they are encoded.
 
 :func:`write_roi_h5` writes the features as a slide H5 file (``features`` float32, ``coords`` (x, y)),
-which is what ``wsi-llava encode``-style caching needs so training reads features instead of
+which is what ``wsi-llava encode-roi`` (:mod:`.encode_roi`) writes so training reads features instead of
 running the ViT every epoch.
 """
 
@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.manifest import ROI_SUFFIXES  # noqa: F401 (re-exported)
 from ..data.slides import Slide, sample_indices
 from ..errors import MissingFileError, WsiLlavaError
-from ..model.tile_encoder import TileEncoder
-
-ROI_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+from ..model.tile_encoder import TileEncoder, load_tile_encoder
 
 
 class RoiError(WsiLlavaError, ValueError):
@@ -94,8 +93,9 @@ def roi_to_slide(path: str | os.PathLike, encoder: TileEncoder, patches_per_wsi:
     return Slide(features=feats, coords=coords, path=str(path), n_total=n)
 
 
-def write_roi_h5(slide: Slide, out: str | os.PathLike, encoder_name: str = "") -> Path:
-    """Write ``slide``'s features and coords as a slide H5 file (atomically); returns its path."""
+def write_roi_h5(slide: Slide, out: str | os.PathLike, encoder_name: str = "", attrs: dict | None = None) -> Path:
+    """Write ``slide``'s features and coords as a slide H5 file (atomically); returns its path.
+    ``attrs``: more string attributes for the file (``encode-roi`` records what made it)."""
     import h5py
 
     out = Path(out)
@@ -105,5 +105,29 @@ def write_roi_h5(slide: Slide, out: str | os.PathLike, encoder_name: str = "") -
         f.create_dataset("coords", data=np.asarray(slide.coords, np.float32))
         f.attrs["source_image"] = str(slide.path)
         f.attrs["tile_encoder"] = encoder_name
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = str(v)
     os.replace(tmp, out)
     return out
+
+
+class RoiSlides:
+    """ROI images as slides for one run (``predict --tile-weights``): the tile encoder is loaded once,
+    frozen, and each image is encoded once (later rows of the same image reuse its slide)."""
+
+    def __init__(self, weights: str | os.PathLike, name: str | None = None, patches_per_wsi: int | None = None,
+                 expected_dim: int | None = None, batch_size: int = 32):
+        self.encoder = load_tile_encoder(weights, name).eval()
+        self.encoder.requires_grad_(False)
+        if expected_dim is not None and self.encoder.embed_dim != expected_dim:
+            raise RoiError(f"--tile-weights {weights}: the tile encoder gives {self.encoder.embed_dim}-d features, "
+                           f"the model takes {expected_dim}-d tile features")
+        self.patches_per_wsi = patches_per_wsi
+        self.batch_size = batch_size
+        self._slides: dict[str, Slide] = {}
+
+    def __call__(self, path: str | os.PathLike) -> Slide:
+        key = os.path.abspath(os.fspath(path))
+        if key not in self._slides:
+            self._slides[key] = roi_to_slide(key, self.encoder, self.patches_per_wsi, self.batch_size)
+        return self._slides[key]

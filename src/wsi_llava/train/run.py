@@ -11,7 +11,7 @@ import yaml
 
 from ..config import ConfigError, TrainConfig
 from ..data.collate import SlideCollator
-from ..data.dataset import SlideQADataset
+from ..data.dataset import SlideQADataset, require_h5
 from ..data.manifest import Record, load_manifest
 from ..data.prompts import PromptBuilder
 from ..data.slides import read_slide_meta
@@ -58,6 +58,7 @@ def load_records(paths: list[Path], split: str | None) -> list[Record]:
     records: list[Record] = []
     for p in paths:
         records += load_manifest(p, split=split)
+    require_h5(records)
     return records
 
 
