@@ -52,7 +52,7 @@ def test_encode_roi_trains_and_predicts_like_the_images(rois, tiny_llm, tmp_path
     with h5py.File(files[0]) as f:
         assert f["features"].shape == (6, 16) and f["coords"].shape == (6, 2)
     encoded = load_manifest(out / "manifest.csv")
-    assert len(encoded) == 12 and all(r.h5_path.startswith(str(out)) and r.image_path for r in encoded)
+    assert len(encoded) == 12 and all(r.h5_path.startswith(str(out)) and not r.image_path for r in encoded)
     stamps = [f.stat().st_mtime_ns for f in files]
     capsys.readouterr()
     assert cli(["encode-roi", "--data", str(manifest), "--tile-weights", str(weights), "--out", str(out)]) == 0

@@ -5,8 +5,10 @@ Every distinct ``image_path`` of the manifest is tiled and encoded once by the f
 file ``DIR/<image stem>-<8 hex>.h5`` (``features`` float32 [N, D], ``coords`` (x, y) px; the hex is
 from the image's absolute path, so two ``a.png`` in different folders do not collide).
 ``DIR/manifest.csv`` is the input manifest with ``h5_path`` pointing at those files (relative to
-``DIR``) and ``image_path`` kept, so ROI training and prediction run the H5 pipeline unchanged and
-never rerun the ViT each epoch. Rows without an image are copied with their ``h5_path``.
+``DIR``) and no ``image_path`` column, so ROI training and prediction run the H5 pipeline unchanged,
+never rerun the ViT each epoch and do not need the images (``DIR`` can be copied alone; each H5 file
+names its image in its ``source_image`` attribute). Rows without an image are copied with their
+``h5_path``.
 
 Resumable: an existing file is skipped when it opens, holds ``features`` and ``coords`` and records
 the same image contents (SHA-256) and the same tile encoder (its name and the SHA-256 of its weights
@@ -24,7 +26,7 @@ from pathlib import Path
 from ..data.manifest import MANIFEST_COLUMNS, Record, load_manifest, write_manifest_csv
 from ..errors import MissingFileError, WsiLlavaError
 
-COLUMNS = (*MANIFEST_COLUMNS, "image_path")
+COLUMNS = MANIFEST_COLUMNS
 
 
 def sha256_file(path: str | Path) -> str:
@@ -56,7 +58,7 @@ def manifest_row(rec: Record, h5_path: str) -> dict:
     return {"h5_path": h5_path, "caption": rec.caption, "question": rec.question, "answer": rec.answer,
             "slide_id": rec.slide_id, "dataset": rec.dataset,
             "choices": json.dumps(list(rec.choices)) if rec.choices else "", "split": rec.split or "",
-            "case_id": rec.case_id or "", "category": rec.category or "", "image_path": rec.image_path}
+            "case_id": rec.case_id or "", "category": rec.category or ""}
 
 
 def encode_rois(records: list[Record], weights: str | Path, out: str | Path, encoder_name: str | None = None,
