@@ -9,8 +9,12 @@ the one place that looks for them outside the repository; tests that need them r
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -44,17 +48,18 @@ LARGER_REFERENCE_FILES = (
 
 
 def larger_reference_dir() -> tuple[Path | None, str]:
-    """The optional larger reference vectors: ``$WSI_LLAVA_REFERENCE_DIR``, else the development
-    machine's folder beside the clone. Returns (folder or None, why not found)."""
+    """The optional larger reference vectors: the folder ``$WSI_LLAVA_REFERENCE_DIR`` names (nothing
+    outside the repository is looked at otherwise). Returns (folder or None, why not found)."""
     env = os.environ.get(LARGER_REFERENCE_ENV)
-    where = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "reference"
+    fallback = "the committed compact vectors in tests/fixtures/reference are checked instead"
+    if not env:
+        return None, f"optional larger reference vectors not given (${LARGER_REFERENCE_ENV} is not set); {fallback}"
+    where = Path(env)
     missing = [name for name in LARGER_REFERENCE_FILES if not (where / name).is_file()]
     if not missing:
         return where, ""
-    source = f"${LARGER_REFERENCE_ENV}={env}" if env else f"{where} (${LARGER_REFERENCE_ENV} is not set)"
     problem = "no such folder" if not where.is_dir() else f"missing {', '.join(missing)}"
-    return None, (f"optional larger reference vectors not available: {source}: {problem}; "
-                  f"the committed compact vectors in tests/fixtures/reference are checked instead")
+    return None, f"optional larger reference vectors not available: ${LARGER_REFERENCE_ENV}={env}: {problem}; {fallback}"
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +89,32 @@ def cohort(tmp_path_factory):
     """12 train + 4 test synthetic slides, 16-d features, 40–120 tiles each."""
     return make_cohort(tmp_path_factory.mktemp("cohort"),
                        SynthConfig(n_train=12, n_test=4, feature_dim=16, min_tiles=40, max_tiles=120, seed=3))
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """``mount(size)`` → a fresh tmpfs of ``size`` (e.g. "1m") under ``tmp_path``: a real disk that fills up,
+    unmounted after the test. Where mounting is not allowed (not root) the test is skipped with the reason;
+    under CI (``$CI`` set, run as root) it fails instead, so the disk-full tests can never quietly not run."""
+    with contextlib.ExitStack() as stack:
+
+        def mount(size: str) -> Path:
+            where = tmp_path / f"disk-{uuid.uuid4().hex[:8]}"
+            where.mkdir()
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"tmpfs-{where.name}", str(where)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                why = f"cannot mount a small tmpfs here ({proc.stderr.strip() or proc.returncode})"
+                if os.environ.get("CI"):
+                    pytest.fail(why + "; CI runs as root and must run the disk-full tests")
+                pytest.skip(why)
+            stack.callback(_unmount, where)
+            return where
+
+        yield mount
+
+
+def _unmount(where: Path) -> None:
+    gc.collect()  # a writer's file object held by a traceback keeps the mount busy
+    if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(where)], check=False)

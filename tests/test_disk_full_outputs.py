@@ -5,10 +5,7 @@ full disk: a 1 MiB tmpfs filled up (skips with the reason where mounting is not 
 from __future__ import annotations
 
 import errno
-import gc
 import shutil
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -33,21 +30,11 @@ def tower(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def full_disk(tmp_path):
+def full_disk(small_tmpfs):
     """A 1 MiB tmpfs holding one file that fills it: every further write fails with ENOSPC."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", f"tmpfs-{uuid.uuid4().hex[:8]}", str(where)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or proc.returncode})")
-    try:
-        (where / "filler").write_bytes(b"\0" * shutil.disk_usage(where).free)
-        yield where
-    finally:
-        gc.collect()  # a writer's file object held by a traceback keeps the mount busy
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], check=False)
+    where = small_tmpfs("1m")
+    (where / "filler").write_bytes(b"\0" * shutil.disk_usage(where).free)
+    return where
 
 
 def only_filler(disk: Path) -> None:
