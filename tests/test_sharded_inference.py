@@ -29,6 +29,17 @@ ENC = {"embed_dim": 16, "depth": 2, "num_heads": 2, "segment_lengths": [32, 64],
 PREDICT = ["--batch-size", "3", "--max-new-tokens", "4", "--device", "cpu", "--explain"]
 
 
+def one_process(args: list[str]) -> int:
+    """The single-process reference run, on one thread like each torchrun rank (OMP_NUM_THREADS=1): float
+    reductions then split the same way, so outputs compare bit for bit whatever the machine's thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli(args)
+    finally:
+        torch.set_num_threads(n)
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -53,7 +64,7 @@ def model(tiny_llm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_predictions(model, cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "preds.jsonl"
-    assert cli(["predict", "--model", str(model), "--data", str(cohort.all_csv), "--out", str(out), *PREDICT]) == 0
+    assert one_process(["predict", "--model", str(model), "--data", str(cohort.all_csv), "--out", str(out), *PREDICT]) == 0
     return out.read_text()
 
 
@@ -133,7 +144,7 @@ def h5_contents(path: Path) -> tuple[dict, dict]:
 
 def test_encode_two_processes_writes_the_single_process_cache(tower, cohort, tmp_path):
     args = ["encode", "--vision-tower", str(tower), "--data", str(cohort.all_csv), "--device", "cpu", "--no-progress"]
-    assert cli([*args, "--out", str(tmp_path / "one")]) == 0
+    assert one_process([*args, "--out", str(tmp_path / "one")]) == 0
     proc = torchrun(*args, "--out", str(tmp_path / "two"))
     one, two = sorted(p.name for p in (tmp_path / "one").iterdir()), sorted(p.name for p in (tmp_path / "two").iterdir())
     assert one == two and len(one) == 16
@@ -147,7 +158,7 @@ def test_encode_two_processes_writes_the_single_process_cache(tower, cohort, tmp
 def test_embed_two_processes_writes_the_single_process_file(tower, cohort, tmp_path):
     args = ["embed", "--vision-tower", str(tower), "--data", str(cohort.all_csv), "--device", "cpu", "--no-progress",
             "--batch-size", "3", "--patches-per-wsi", "64"]
-    assert cli([*args, "--out", str(tmp_path / "one.h5")]) == 0
+    assert one_process([*args, "--out", str(tmp_path / "one.h5")]) == 0
     proc = torchrun(*args, "--out", str(tmp_path / "two.h5"))
     (a, a_attrs), (b, b_attrs) = h5_contents(tmp_path / "one.h5"), h5_contents(tmp_path / "two.h5")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
