@@ -219,12 +219,11 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan 
     for ablate, name in runs.items():
         (out / name).unlink(missing_ok=True)
         predict(assistant, closed, out / name, batch_size=16, settings=short, ablate=ablate)
+        if ablate == "none" and reports:  # the real run also writes a few reports, scored with it
+            predict(assistant, reports, out / name, batch_size=2, settings=GenerationSettings(max_new_tokens=48))
         scored[ablate] = evaluate_predictions(load_prediction_rows(out / name), bootstrap=200, seed=seed)
-    if reports:
-        predict(assistant, reports, out / "predictions.jsonl", batch_size=2,
-                settings=GenerationSettings(max_new_tokens=48))
-    rows = load_prediction_rows(out / "predictions.jsonl")
-    real_m = evaluate_predictions(rows, bootstrap=200, seed=seed)
+    rows = load_prediction_rows(out / runs["none"])
+    real_m = scored["none"]
     chance = sum(1.0 / (len(r.choices) if r.choices else 2) for r in closed) / len(closed)
     n = len(closed)
 

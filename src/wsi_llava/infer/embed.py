@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.collate import pad_tiles
-from ..data.manifest import Record, load_manifest
+from ..data.manifest import ManifestError, Record, load_manifest
 from ..data.slides import SlideError, load_slide
 from ..fileio import publishing
 from ..model.slide_encoder import SlideEncoder
@@ -187,19 +187,25 @@ def _embed_sharded(sh, args, encoder, slides, device, precision, attrs) -> int:
     return 0
 
 
-def main(args: argparse.Namespace) -> int:
+def tower_job(args: argparse.Namespace, device) -> tuple[SlideEncoder, list[Record], Precision]:
+    """What ``embed`` and ``encode`` start from: the tower of ``--vision-tower`` (+ ``--vision-config``),
+    one record per slide of ``--data`` (``--split``), and the precision to run in."""
     from ..config import parse_overrides
     from ..model.export import load_tower
 
+    encoder = load_tower(args.vision_tower, **parse_overrides(args.vision_config))
+    slides = unique_slides(load_manifest(args.data, split=args.split))
+    if not slides:
+        raise ManifestError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
+    return encoder, slides, resolve_precision(args.precision, device, force=args.force_precision)
+
+
+def main(args: argparse.Namespace) -> int:
     if args.patches_per_wsi < 0 or args.batch_size < 1:
         raise ValueError("--patches-per-wsi must be >= 0 and --batch-size >= 1")
     with shard.sharded() as sh:
         device = shard.device_for(args.device, sh)
-        encoder = load_tower(args.vision_tower, **parse_overrides(args.vision_config))
-        slides = unique_slides(load_manifest(args.data, split=args.split))
-        if not slides:
-            raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
-        precision = resolve_precision(args.precision, device, force=args.force_precision)
+        encoder, slides, precision = tower_job(args, device)
         attrs = {"pool": args.pool, "vision_tower": str(args.vision_tower),
                  "patches_per_wsi": int(args.patches_per_wsi),
                  "slide_encoder_config": json.dumps(encoder.config.to_dict())}

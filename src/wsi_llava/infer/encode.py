@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.manifest import Record, load_manifest
+from ..data.manifest import Record
 from ..data.slides import (
     COORD_KEYS,
     SlideError,
@@ -43,9 +43,9 @@ from ..data.tower_cache import (
     tower_identity,
     write_cache_file,
 )
-from ..precision import Precision, add_precision_arguments, resolve_precision
+from ..precision import Precision, add_precision_arguments
 from . import shard
-from .embed import unique_slides
+from .embed import tower_job
 
 
 def file_order(path: str, spatial_coords: np.ndarray) -> np.ndarray:
@@ -154,16 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..config import parse_overrides
-    from ..model.export import load_tower
-
     with shard.sharded() as sh:
         device = shard.device_for(args.device, sh)
-        encoder = load_tower(args.vision_tower, **parse_overrides(args.vision_config))
-        slides = unique_slides(load_manifest(args.data, split=args.split))
-        if not slides:
-            raise ValueError(f"{args.data}: no rows" + (f" with split {args.split!r}" if args.split else ""))
-        precision = resolve_precision(args.precision, device, force=args.force_precision)
+        encoder, slides, precision = tower_job(args, device)
         if sh is not None:  # this rank's slides, balanced by tile count (every tile is encoded)
             weights = sh.from_main(lambda: shard.tile_counts([r.h5_path for r in slides]))
             slides = [slides[i] for i in shard.balance(weights, sh.world)[sh.rank]]

@@ -37,6 +37,7 @@ from ..data.prompts import record_turn
 from ..data.slides import SlideError
 from ..data.subset import add_subset_arguments, select
 from ..errors import WsiLlavaError
+from ..fileio import atomic_write_text
 from ..precision import add_precision_arguments
 from . import shard
 from .engine import GenerationSettings, SlideAssistant, zeros_like_slide
@@ -99,13 +100,7 @@ def write_errors(path: Path, errors: dict[str, dict]) -> None:
     if not errors:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e) + "\n" for e in errors.values())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in errors.values()))
 
 
 def reference_of(record: Record) -> str:
