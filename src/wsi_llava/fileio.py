@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +30,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 4 * 2**20) -> str:
+    """Hex SHA-256 of a file's bytes (read in ``chunk``-byte blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:

@@ -19,7 +19,6 @@ writes a sidecar ``<manifest>.provenance.json`` (:func:`provenance_path`, writte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, sha256_file
 
 PROVENANCE_VERSION = 1
 
@@ -47,15 +46,6 @@ KNOWN_SIZES: dict[str, dict[int, str]] = {
         7274: "SlideBench-VQA-BCNB.csv as released (SlideChat issue #32)",
     },
 }
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def provenance_path(manifest: str | os.PathLike) -> Path:

@@ -25,16 +25,9 @@ from pathlib import Path
 
 from ..data.manifest import MANIFEST_COLUMNS, Record, load_manifest, write_manifest_csv
 from ..errors import MissingFileError, WsiLlavaError
+from ..fileio import sha256_file
 
 COLUMNS = MANIFEST_COLUMNS
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def h5_name(image_path: str) -> str:

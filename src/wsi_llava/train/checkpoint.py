@@ -27,7 +27,6 @@ globals that ``torch.load(weights_only=True)`` would not allow; any → :class:`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from ..errors import WsiLlavaError
-from ..fileio import write_error_text
+from ..fileio import sha256_file, write_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,6 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 NOT_LOADED_ON_RESUME = ("training_args.bin",)
 """Pickle files Hugging Face writes but never reads back on resume (a pickled ``TrainingArguments``)."""
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
-_HASH_CHUNK = 4 * 2**20
 
 
 class CheckpointError(WsiLlavaError, RuntimeError):
@@ -70,15 +68,6 @@ class UnsafeCheckpointError(CheckpointError):
 # ---------------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fsync_file(path: str | os.PathLike) -> None:
     """Flush a file's data to stable storage (whichever process wrote it)."""
     fd = os.open(path, os.O_RDONLY)
