@@ -30,8 +30,8 @@ from .slides import (
     _corrupt_as_slide_error,
     _datasets,
     _iter_blocks,
-    _open,
     describe_layout,
+    open_slide,
 )
 
 
@@ -64,7 +64,7 @@ def convert_file(
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".{os.path.basename(dst)}.tmp{os.getpid()}")
     try:
-        with _open(src) as fin:
+        with open_slide(src) as fin:
             with _corrupt_as_slide_error(src):
                 feats_ds, coords_ds, coords_key, _ = _datasets(fin, src, allow_float64=True)
             n, d = feats_ds.shape

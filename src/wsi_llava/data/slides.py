@@ -167,7 +167,6 @@ def slide_dataset(f: h5py.File, name: str) -> h5py.Dataset | None:
     return h5safety.get_dataset(f, f.filename, name)
 
 
-_open = open_slide
 
 
 def _filters(dset: h5py.Dataset) -> list[tuple[int, str]]:
@@ -246,7 +245,7 @@ def _datasets(
 def read_slide_meta(path: str | os.PathLike) -> tuple[int, int]:
     """``(N, D)`` of a slide file without reading features (structure is checked)."""
     path = os.fspath(path)
-    with _open(path) as f:
+    with open_slide(path) as f:
         feats, _, _, _ = _datasets(f, path)
         return int(feats.shape[0]), int(feats.shape[1])
 
@@ -311,7 +310,6 @@ def _read_error(path: str, key: str, e: Exception) -> SlideError:
     return SlideError(f"{path}: cannot read `{key}` (corrupt or truncated file?): {e}")
 
 
-_unwritten = h5safety.unwritten
 
 
 def _read_rows(
@@ -367,7 +365,7 @@ def _read_contiguous(path: str, fr: FileReader, dset: h5py.Dataset, key: str, ro
     """Contiguous dataset: row i lies at ``offset + i · row_bytes``; ``out[p] = dset[rows[p]]``."""
     offset = dset.id.get_offset()
     if offset is None:
-        raise _unwritten(path, key, "no data allocated")
+        raise h5safety.unwritten(path, key, "no data allocated")
     n, c = dset.shape
     row_bytes = c * dset.dtype.itemsize
     if offset + n * row_bytes > fr.size:
@@ -434,7 +432,7 @@ def _read_chunked(
     if len(missing):
         r0 = int(missing[0]) * cr
         more = f" and {len(missing) - 1} more chunk row(s)" if len(missing) > 1 else ""
-        raise _unwritten(path, key, f"rows {r0}–{min(n, r0 + cr) - 1}{more}")
+        raise h5safety.unwritten(path, key, f"rows {r0}–{min(n, r0 + cr) - 1}{more}")
     itemsize = dset.dtype.itemsize
     rows = idx[order]
     chunk_row, within = np.divmod(rows, cr)
@@ -468,7 +466,7 @@ def _read_chunk_direct(
         except RuntimeError as err:
             if "not allocated" in str(err):
                 r0 = coord[0]
-                raise _unwritten(path, key, f"rows {r0}–{min(n, r0 + cr) - 1}") from None
+                raise h5safety.unwritten(path, key, f"rows {r0}–{min(n, r0 + cr) - 1}") from None
             raise
 
     if cr == 1 and cc == c:  # TRIDENT/CLAM (1, D): a chunk is one output row, read in place
@@ -552,7 +550,7 @@ def load_slide(
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     path = os.fspath(path)
-    with _open(path) as f, _corrupt_as_slide_error(path), FileReader(path) as fr:
+    with open_slide(path) as f, _corrupt_as_slide_error(path), FileReader(path) as fr:
         feats_ds, coords_ds, coords_key, yx = _datasets(f, path)
         n, d = feats_ds.shape
         _check_dim(path, d, expected_dim)
@@ -609,7 +607,7 @@ def scan_slide(
     memory). Raises :class:`SlideError` on the first problem.
     """
     path = os.fspath(path)
-    with _open(path) as f, _corrupt_as_slide_error(path):
+    with open_slide(path) as f, _corrupt_as_slide_error(path):
         feats_ds, coords_ds, coords_key, _ = _datasets(f, path)
         n, d = feats_ds.shape
         _check_dim(path, d, expected_dim)
