@@ -392,3 +392,43 @@ def test_chat_with_cache_answers_like_chat_with_tower(stage2_runs, cohort, cache
         cli(["--debug", *base, "--tower-cache", str(cache_dir), "--slide-id", "no-such-slide"])
     with pytest.raises(SystemExit, match="only applies with --tower-cache"):
         cli(base + ["--slide-id", rec.slide_id])
+
+
+def test_heatmap_selection_from_cache_equals_the_tower(stage2_runs, cohort, cache_dir):
+    from wsi_llava.infer.engine import SlideAssistant
+    from wsi_llava.infer.heatmap import select_tiles
+
+    rec = load_manifest(cohort.test_csv)[0]
+    plain = SlideAssistant.from_pretrained(stage2_runs["cache"], device="cpu")
+    cached = SlideAssistant.from_pretrained(stage2_runs["cache"], device="cpu", tower_cache=cache_dir)
+    calls = []
+    cached.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    a = select_tiles(plain, plain.load(rec.h5_path), patch_size=256)
+    b = select_tiles(cached, cached.load(rec.h5_path, slide_id=rec.slide_id), patch_size=256)
+    assert not calls  # the cached outputs were used, the tower did not run
+    assert np.array_equal(a.coords, b.coords) and np.array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(b.scores, a.scores, rtol=5e-3, atol=1e-5)
+
+
+def test_collated_tower_outputs_are_padded_and_checked_by_the_model(tiny_llm, tower):
+    from wsi_llava.data.collate import stack_tower_outputs
+    from wsi_llava.data.tower_output import TowerOutput
+
+    def one(n):
+        return TowerOutput(tokens=torch.rand(n + 1, 16), cls_attention=torch.rand(n), keys=torch.rand(n, 16).half())
+
+    a, b = one(3), one(5)
+    out = stack_tower_outputs([a, b], 5)
+    assert out.tokens.shape == (2, 6, 16) and out.cls_attention.shape == (2, 5) and out.keys.shape == (2, 5, 16)
+    assert out.keys.dtype == torch.float32 and out.hidden_states is None
+    assert torch.equal(out.tokens[0, :4], a.tokens) and not out.tokens[0, 4:].any() and not out.keys[0, 3:].any()
+    zero = out.zeros_like()
+    assert zero.tokens.shape == out.tokens.shape and not zero.tokens.any() and not zero.keys.any()
+    model, _ = _model_with_tower(tiny_llm, tower)
+    mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    with torch.no_grad():
+        vis = model.encode_slides(torch.zeros(2, 5, 0), torch.zeros(2, 5, 2), mask, tower_outputs=out)
+        assert vis.embeds.shape == (2, model.config.num_image_tokens, model.config.text_config.hidden_size)
+        narrow = TowerOutput(tokens=torch.rand(2, 6, 8))
+        with pytest.raises(ValueError, match=r"cached tokens \(2, 6, 8\).*mm_hidden_size=16"):
+            model.encode_slides(torch.zeros(2, 5, 0), torch.zeros(2, 5, 2), mask, tower_outputs=narrow)
