@@ -13,7 +13,7 @@ from wsi_llava.serve.app import batch_key, tile_size
 from wsi_llava.serve.batching import BatchQueue, BatchWorker, Job, QueueFull
 from wsi_llava.serve.caches import LRUCache
 from wsi_llava.serve.errors import ApiError
-from wsi_llava.serve.generation import _held_back
+from wsi_llava.infer.generation import _held_back
 from wsi_llava.serve.schema import parse_chat_request
 from wsi_llava.serve.security import bearer_ok, is_loopback, list_slides, real_root, resolve_slide
 

@@ -120,13 +120,16 @@ def test_read_samples_the_same_tiles_as_load_slide(cache_dir, slides, encoder, s
             got = cache.read(r.slide_id, k, rng_a)
             ref = load_slide(r.h5_path, k, rng_b)
             assert np.array_equal(got.coords, ref.coords)  # same tiles, same spatial order
-            assert got.features.shape == (len(ref.coords), 16) and got.keys.shape == (len(ref.coords), 16)
+            t = got.tower_outputs
+            assert got.features.shape == (len(ref.coords), 0)  # no tile features: the tower outputs stand in
+            assert t.tokens.shape == (len(ref.coords) + 1, 16) and t.keys.shape == (len(ref.coords), 16)
             full = cache.read(r.slide_id, None)
+            ft = full.tower_outputs
             pos = {tuple(c): i for i, c in enumerate(full.coords)}
             rows = [pos[tuple(c)] for c in got.coords]
-            assert np.array_equal(got.features, full.features[rows])
-            assert np.array_equal(got.cls_attention, full.cls_attention[rows])
-            assert np.array_equal(got.cls_token, full.cls_token)
+            assert torch.equal(t.tokens[1:], ft.tokens[1:][rows])
+            assert torch.equal(t.cls_attention, ft.cls_attention[rows])
+            assert torch.equal(t.tokens[0], ft.tokens[0])  # the CLS token
 
 
 def test_canonical_layer():
@@ -183,12 +186,13 @@ def test_select_layer_minus_two_caches_that_hidden_state(slides, encoder, tmp_pa
     s, tokens, _, _ = full_tower_output(encoder, r.h5_path, layer=-2)
     cached = TowerCache(tmp_path, tower_identity(encoder, -2)).read(r.slide_id, None)
     assert np.array_equal(cached.coords, s.coords)
-    np.testing.assert_allclose(cached.features, tokens[1:].numpy(), rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(cached.cls_token, tokens[0].numpy(), rtol=1e-6, atol=1e-6)
+    got = cached.tower_outputs.tokens.numpy()
+    np.testing.assert_allclose(got[1:], tokens[1:].numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(got[0], tokens[0].numpy(), rtol=1e-6, atol=1e-6)
     with h5py.File(tmp_path / cache_file_name(r.slide_id), "r") as f:
         assert int(f.attrs["select_layer"]) == 1  # -2 of a 2-block encoder = hidden_states[1]
     _, final, _, _ = full_tower_output(encoder, r.h5_path, layer=-1)
-    assert not np.allclose(cached.features, final[1:].numpy(), atol=1e-2)
+    assert not np.allclose(got[1:], final[1:].numpy(), atol=1e-2)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -286,8 +290,10 @@ def test_forward_from_cache_equals_running_the_tower_and_skips_it(tiny_llm, towe
     raw = collate([SlideQADataset(records, builder, 128, training=True, seed=3)[i] for i in range(4)])
     cached_ds = SlideQADataset(records, builder, 128, training=True, seed=3, tower_cache=cache_for_model(cache_dir, model))
     cached = collate([cached_ds[i] for i in range(4)])
-    assert cached["features"].shape[-1] == 16 and cached["cls_token"].shape == (4, 16)
-    assert cached["keys"].shape == cached["features"].shape and cached["cls_attention"].shape == cached["tile_mask"].shape
+    t = cached["tower_outputs"]
+    n = cached["tile_mask"].shape[1]
+    assert cached["features"].shape == (4, n, 0) and t.tokens.shape == (4, n + 1, 16)
+    assert t.keys.shape == (4, n, 16) and t.cls_attention.shape == cached["tile_mask"].shape
     assert torch.equal(cached["coords"], raw["coords"]) and torch.equal(cached["tile_mask"], raw["tile_mask"])
     calls = []
     model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
@@ -297,7 +303,7 @@ def test_forward_from_cache_equals_running_the_tower_and_skips_it(tiny_llm, towe
         sel_raw = model.encode_slides(raw["features"], raw["coords"], raw["tile_mask"], generator=g1)
         assert len(calls) == 1
         sel_cached = model.encode_slides(cached["features"], cached["coords"], cached["tile_mask"], generator=g2,
-                                         **{k: cached[k] for k in ("cls_token", "cls_attention", "keys")})
+                                         tower_outputs=t)
         assert len(calls) == 1  # the tower did not run
         assert torch.equal(sel_raw.selection.indices, sel_cached.selection.indices)
         torch.testing.assert_close(sel_cached.embeds, sel_raw.embeds, rtol=5e-3, atol=5e-3)
@@ -386,3 +392,43 @@ def test_chat_with_cache_answers_like_chat_with_tower(stage2_runs, cohort, cache
         cli(["--debug", *base, "--tower-cache", str(cache_dir), "--slide-id", "no-such-slide"])
     with pytest.raises(SystemExit, match="only applies with --tower-cache"):
         cli(base + ["--slide-id", rec.slide_id])
+
+
+def test_heatmap_selection_from_cache_equals_the_tower(stage2_runs, cohort, cache_dir):
+    from wsi_llava.infer.engine import SlideAssistant
+    from wsi_llava.infer.heatmap import select_tiles
+
+    rec = load_manifest(cohort.test_csv)[0]
+    plain = SlideAssistant.from_pretrained(stage2_runs["cache"], device="cpu")
+    cached = SlideAssistant.from_pretrained(stage2_runs["cache"], device="cpu", tower_cache=cache_dir)
+    calls = []
+    cached.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    a = select_tiles(plain, plain.load(rec.h5_path), patch_size=256)
+    b = select_tiles(cached, cached.load(rec.h5_path, slide_id=rec.slide_id), patch_size=256)
+    assert not calls  # the cached outputs were used, the tower did not run
+    assert np.array_equal(a.coords, b.coords) and np.array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(b.scores, a.scores, rtol=5e-3, atol=1e-5)
+
+
+def test_collated_tower_outputs_are_padded_and_checked_by_the_model(tiny_llm, tower):
+    from wsi_llava.data.collate import stack_tower_outputs
+    from wsi_llava.data.tower_output import TowerOutput
+
+    def one(n):
+        return TowerOutput(tokens=torch.rand(n + 1, 16), cls_attention=torch.rand(n), keys=torch.rand(n, 16).half())
+
+    a, b = one(3), one(5)
+    out = stack_tower_outputs([a, b], 5)
+    assert out.tokens.shape == (2, 6, 16) and out.cls_attention.shape == (2, 5) and out.keys.shape == (2, 5, 16)
+    assert out.keys.dtype == torch.float32 and out.hidden_states is None
+    assert torch.equal(out.tokens[0, :4], a.tokens) and not out.tokens[0, 4:].any() and not out.keys[0, 3:].any()
+    zero = out.zeros_like()
+    assert zero.tokens.shape == out.tokens.shape and not zero.tokens.any() and not zero.keys.any()
+    model, _ = _model_with_tower(tiny_llm, tower)
+    mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    with torch.no_grad():
+        vis = model.encode_slides(torch.zeros(2, 5, 0), torch.zeros(2, 5, 2), mask, tower_outputs=out)
+        assert vis.embeds.shape == (2, model.config.num_image_tokens, model.config.text_config.hidden_size)
+        narrow = TowerOutput(tokens=torch.rand(2, 6, 8))
+        with pytest.raises(ValueError, match=r"cached tokens \(2, 6, 8\).*mm_hidden_size=16"):
+            model.encode_slides(torch.zeros(2, 5, 0), torch.zeros(2, 5, 2), mask, tower_outputs=narrow)

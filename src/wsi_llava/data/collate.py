@@ -4,10 +4,10 @@ Each item is a dict with ``input_ids`` [T], ``labels`` [T], ``question_mask`` [T
 tensors) and ``features`` [N, D], ``coords`` [N, 2] (numpy or tensors). The batch holds
 ``input_ids``/``labels``/``attention_mask``/``question_mask`` [B, T] and ``features`` [B, N, D],
 ``coords`` [B, N, 2], ``tile_mask`` [B, N] (True = real tile; padded tiles are zeros and False).
-Optional ``tile_index`` [N] (int) is padded with -1.
-Tower-cache items (``data/tower_cache.py``) also carry ``cls_token`` [D], ``cls_attention`` [N] and
-``keys`` [N, D]; the batch then holds ``cls_token`` [B, D] and ``cls_attention`` [B, N], ``keys``
-[B, N, D] zero-padded like the tiles (all float32).
+Tower-cache items (``data/tower_cache.py``) also carry ``tower_outputs``, one slide's
+:class:`~wsi_llava.data.tower_output.TowerOutput` (tokens [1+N, D], cls_attention [N], keys [N, Dk]);
+the batch then holds ``tower_outputs`` batched: tokens [B, 1+N, D], cls_attention [B, N], keys
+[B, N, Dk], zero-padded like the tiles (all float32).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .prompts import IGNORE_INDEX
+from .tower_output import TowerOutput
 
 
 def _pad_1d(seqs: list[torch.Tensor], value, side: str) -> torch.Tensor:
@@ -80,12 +81,25 @@ class SlideCollator:
             batch["labels"] = _pad_1d([_tensor(it["labels"], torch.long) for it in items], IGNORE_INDEX, self.padding_side)
         feats = [_tensor(it["features"], torch.float32) for it in items]
         batch["features"], batch["coords"], batch["tile_mask"] = pad_tiles(feats, [_tensor(it["coords"]) for it in items])
-        cached = ["cls_token" in it for it in items]
+        cached = ["tower_outputs" in it for it in items]
         if any(cached):
             if not all(cached):
                 raise ValueError("a batch mixes cached tower outputs (tower_cache) with raw tile features")
-            n = batch["features"].shape[1]
-            batch["cls_token"] = torch.stack([_tensor(it["cls_token"], torch.float32) for it in items])
-            batch["cls_attention"] = _pad_rows([_tensor(it["cls_attention"], torch.float32) for it in items], n)
-            batch["keys"] = _pad_rows([_tensor(it["keys"], torch.float32) for it in items], n)
+            batch["tower_outputs"] = stack_tower_outputs([it["tower_outputs"] for it in items],
+                                                         batch["features"].shape[1])
         return batch
+
+
+def stack_tower_outputs(outputs: list[TowerOutput], n: int) -> TowerOutput:
+    """Per-slide tower outputs (tokens [1+N_i, D], cls_attention [N_i], keys [N_i, Dk]) → one batched
+    :class:`TowerOutput` padded to ``n`` tiles: tokens [B, 1+n, D], cls_attention [B, n], keys [B, n, Dk]
+    (float32, zeros on padding)."""
+    def pad(rows, width):
+        return _pad_rows([_tensor(r, torch.float32) for r in rows], width)
+
+    out = TowerOutput(tokens=pad([o.tokens for o in outputs], n + 1))
+    if all(o.cls_attention is not None for o in outputs):
+        out.cls_attention = pad([o.cls_attention for o in outputs], n)
+    if all(o.keys is not None for o in outputs):
+        out.keys = pad([o.keys for o in outputs], n)
+    return out

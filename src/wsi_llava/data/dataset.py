@@ -6,8 +6,9 @@ never share an h5py handle). Training samples tiles with an RNG seeded by (seed,
 reproducible, and different every epoch. Evaluation sampling is deterministic.
 
 With a ``tower_cache`` (:class:`~wsi_llava.data.tower_cache.TowerCache`) the same rows are read from the
-slide's cache file instead: ``features`` are then the cached tower tokens, plus ``cls_token``,
-``cls_attention`` and ``keys`` (every slide's file is checked when the dataset is built).
+slide's cache file instead: the item then also holds ``tower_outputs`` (a
+:class:`~wsi_llava.data.tower_output.TowerOutput`) and the model skips its tower (every slide's file is
+checked when the dataset is built).
 """
 
 from __future__ import annotations
@@ -71,9 +72,6 @@ class SlideQADataset(torch.utils.data.Dataset):
 
     def _cached_item(self, ex: Example, cached) -> dict:
         """The item of a :class:`~wsi_llava.data.tower_cache.CachedSlide` (zeroed for the sanity check)."""
-        arrays = {"features": cached.features, "cls_token": cached.cls_token,
-                  "cls_attention": cached.cls_attention, "keys": cached.keys}
-        if self.zero_features:
-            arrays = {k: np.zeros_like(v) for k, v in arrays.items()}
+        tower = cached.tower_outputs.zeros_like() if self.zero_features else cached.tower_outputs
         return {"input_ids": ex.input_ids, "labels": ex.labels, "question_mask": ex.question_mask,
-                "coords": cached.coords, **arrays}
+                "features": cached.features, "coords": cached.coords, "tower_outputs": tower}

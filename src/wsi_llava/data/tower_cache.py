@@ -46,14 +46,13 @@ from . import h5safety
 from .h5layout import FileReader
 from .h5safety import SlideError
 from .slides import Slide, read_slide_meta, sample_indices
+from .tower_output import TowerOutput
 
 FORMAT_VERSION = 1
 #: ``SlideEncoderConfig`` fields that change the tower's output (dropout, drop-path, FFN chunking and
 #: ``slide_ngrids`` do not in eval mode).
 OUTPUT_CONFIG_FIELDS = ("in_dim", "embed_dim", "depth", "num_heads", "mlp_ratio", "tile_size", "segment_lengths",
                         "dilations", "layernorm_eps", "norm_eps")
-#: Batch / item keys of the cached tower outputs besides ``features`` (= the cached tokens).
-CACHED_KEYS = ("cls_token", "cls_attention", "keys")
 _SAFE_CHARS = "-_.+=@~,"
 
 
@@ -168,16 +167,15 @@ def _read_rows(fr: FileReader, ds: h5py.Dataset, idx: np.ndarray, order: np.ndar
 
 @dataclass
 class CachedSlide(Slide):
-    """A slide's sampled tiles as cached tower outputs (rows in spatial order, like :class:`Slide`).
+    """A slide's sampled tiles with their cached tower outputs (rows in spatial order, like :class:`Slide`).
 
-    ``features`` holds the cached patch tokens [K, D] (float16), not tile features."""
+    ``features`` is empty ([K, 0] float32: the tiles' features are not needed); the tower's outputs are in
+    ``tower_outputs``."""
 
-    cls_token: np.ndarray
-    """[D] float32 CLS token of the cached layer."""
-    cls_attention: np.ndarray
-    """[K] float32 last-block CLS→patch attention of the kept tiles (computed over all N tiles)."""
-    keys: np.ndarray
-    """[K, D] float16 last-block patch keys of the kept tiles."""
+    tower_outputs: TowerOutput
+    """One slide's :class:`~wsi_llava.data.tower_output.TowerOutput` (no B axis): tokens [1+K, D] float32
+    (CLS, then the kept tiles' tokens of the cached layer), cls_attention [K] float32 (last block, computed
+    over all N tiles), keys [K, Dk] float16 (last block)."""
 
 
 class TowerCache:
@@ -297,8 +295,10 @@ class TowerCache:
         ``sample_indices(N, patches_per_wsi, rng)``, put in spatial (y, then x) order. The file is checked
         as in :meth:`check` (``n_tiles``: the slide H5's tile count, if known).
 
-        Returns :class:`CachedSlide`: features (= tokens) [K, D] float16, coords [K, 2] float32,
-        cls_token [D], cls_attention [K] float32, keys [K, D] float16."""
+        Returns :class:`CachedSlide`: coords [K, 2] float32 and ``tower_outputs`` (tokens [1+K, D] float32,
+        CLS first; cls_attention [K] float32; keys [K, Dk] float16)."""
+        import torch
+
         path, f = self._open(slide_id, where)
         with f:
             n, ds = self._validate(path, f, n_tiles, f" ({where})" if where else "")
@@ -312,8 +312,11 @@ class TowerCache:
             cls_attention = np.asarray(ds["cls_attention"][:], dtype=np.float32)[idx[order]]
             cls_token = np.asarray(ds["cls_token"][:], dtype=np.float32)
             source = str(f.attrs.get("source_h5", ""))
-        return CachedSlide(features=tokens, coords=c[order], path=source or str(path), n_total=n,
-                           cls_token=cls_token, cls_attention=cls_attention, keys=keys)
+        full = np.concatenate([cls_token[None], tokens.astype(np.float32)])
+        out = TowerOutput(tokens=torch.from_numpy(full), cls_attention=torch.from_numpy(cls_attention),
+                          keys=torch.from_numpy(np.ascontiguousarray(keys)))
+        return CachedSlide(features=np.zeros((len(idx), 0), np.float32), coords=c[order], path=source or str(path),
+                           n_total=n, tower_outputs=out)
 
 
 def cache_for_model(directory: str | os.PathLike, model) -> TowerCache:

@@ -292,7 +292,8 @@ def predict_for_eval(model: str, data: str, out: str, split: str | None, ablatio
     with ``circular``, OUT/predictions_rotation{r}.jsonl (each resumable). Returns the main file,
     ``{ablation: file}`` and ``{rotation: file}``."""
     from ..data.manifest import load_manifest
-    from ..infer.engine import GenerationSettings, SlideAssistant
+    from ..infer.engine import SlideAssistant
+    from ..infer.generation import GenerationSettings
     from ..infer.predict import predict
 
     assistant = SlideAssistant.from_pretrained(model, device=device, precision=precision,

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from ..precision import add_precision_arguments
-from .engine import GenerationSettings, SlideAssistant
+from .engine import SlideAssistant
+from .generation import GenerationSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

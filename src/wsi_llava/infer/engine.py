@@ -1,36 +1,27 @@
-"""Answer questions about slides with a trained WSI-LLaVA (shared by chat, predict and serve)."""
+"""Answer questions about slides with a trained WSI-LLaVA (chat, predict, heatmap, ``eval --model``).
+
+Prompts and slides are batched here; the answers come from the one generation engine,
+:func:`wsi_llava.infer.generation.generate`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data.collate import SlideCollator
-from ..data.prompts import PromptBuilder
+from ..data.prompts import Example, PromptBuilder
 from ..data.slides import Slide, load_slide, read_slide_meta
-from ..data.tower_cache import CACHED_KEYS, CachedSlide
+from ..data.tower_cache import CachedSlide
 from ..model.wsi_llava import load_wsi_llava
 from ..precision import Precision, resolve_precision
+from .generation import GenerationSettings, Request, generate
 
-
-@dataclass
-class GenerationSettings:
-    """Decoding options. Greedy unless ``temperature > 0``; sampling is seeded (deterministic)."""
-
-    max_new_tokens: int = 256
-    """Longest answer in tokens."""
-    temperature: float = 0.0
-    """0 = greedy decoding; > 0 = sampling at this temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (with temperature > 0)."""
-    seed: int = 0
-    """Seed of the sampling RNG."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end the answer (the answer is cut before them)."""
+__all__ = ["Answer", "GenerationSettings", "SlideAssistant", "zeros_like_slide"]
 
 
 @dataclass
@@ -40,6 +31,8 @@ class Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str = "stop"
+    """``stop`` (end of turn or a stop string), ``length`` (max_new_tokens) or ``cancelled``."""
     tile_indices: list[int] | None = None
     tile_scores: list[float] | None = None
     coords: list[list[float]] | None = None
@@ -106,40 +99,18 @@ class SlideAssistant:
         settings = settings or GenerationSettings()
         histories = histories or [[] for _ in questions]
         question_texts = question_texts or [None] * len(questions)
-        items = []
-        for slide, q, h, qt in zip(slides, questions, histories, question_texts):
-            ex = self.builder.build_generation(q, h, question=qt, where=slide.path)
-            items.append({"input_ids": ex.input_ids, "question_mask": ex.question_mask,
-                          "features": slide.features, "coords": slide.coords})
-            if isinstance(slide, CachedSlide):
-                items[-1].update(cls_token=slide.cls_token, cls_attention=slide.cls_attention, keys=slide.keys)
-        batch = self.collator(items)
-        device = self.model.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        gen_kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                          eos_token_id=self.model.generation_config.eos_token_id)
-        if settings.temperature > 0:
-            torch.manual_seed(settings.seed)
-            gen_kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        examples = [self.builder.build_generation(q, h, question=qt, where=slide.path)
+                    for slide, q, h, qt in zip(slides, questions, histories, question_texts)]
+        batch = self.batch(slides, examples)
         # the slides are encoded once: the same visual output feeds generation and the explanation
-        cached = {k: batch[k] for k in CACHED_KEYS if k in batch}
         with self.autocast():
-            embeds, visual = self.model.prompt_embeds(batch["input_ids"], batch["features"], batch["coords"],
-                                                      batch["tile_mask"], batch["question_mask"], **cached)
-            out = self.model.language_model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                                     **gen_kwargs)  # returns the new tokens only
+            visual = self.visual(batch)
+            results = generate(self.model, self.tokenizer, [Request(ex.input_ids, settings) for ex in examples],
+                               visual.embeds)
         selection = visual.selection if explain else None
         answers = []
-        for i, seq in enumerate(out.tolist()):
-            ids = [t for t in seq if t != self.tokenizer.pad_token_id]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for s in settings.stop:
-                if s and s in text:
-                    text = text[: text.index(s)].rstrip()
-            n_prompt = int(batch["attention_mask"][i].sum())
-            ans = Answer(text, n_prompt, len(ids))
+        for i, res in enumerate(results):
+            ans = Answer(res.text, res.prompt_tokens, res.completion_tokens, res.finish_reason)
             if selection is not None:
                 idx = selection.indices[i].tolist()
                 ans.tile_indices = idx
@@ -149,6 +120,23 @@ class SlideAssistant:
             answers.append(ans)
         return answers
 
+    def batch(self, slides: list[Slide], examples: list[Example]) -> dict:
+        """(slide, generation prompt) pairs → the left-padded batch on the model's device (with
+        ``tower_outputs`` for cached slides)."""
+        items = []
+        for slide, ex in zip(slides, examples):
+            items.append({"input_ids": ex.input_ids, "question_mask": ex.question_mask,
+                          "features": slide.features, "coords": slide.coords})
+            if isinstance(slide, CachedSlide):
+                items[-1]["tower_outputs"] = slide.tower_outputs
+        device = self.model.device
+        return {k: v.to(device) for k, v in self.collator(items).items()}
+
+    def visual(self, batch: dict):
+        """The batch's visual output: tokens [B, K', H] and the selection (indices [B, K], scores [B, N] or None)."""
+        return self.model.visual_tokens(batch["input_ids"], batch["features"], batch["coords"], batch["tile_mask"],
+                                        batch["question_mask"], batch.get("tower_outputs"))
+
     def autocast(self):
         """The context the model runs in: autocast to the half precision chosen, else nothing."""
         if not self.precision.is_half:
@@ -157,15 +145,12 @@ class SlideAssistant:
 
     def explain(self, batch: dict):
         """Which tiles the selector keeps for this batch (indices [B, K], scores [B, N] or None)."""
-        cached = {k: batch[k] for k in CACHED_KEYS if k in batch}
         with self.autocast():
-            return self.model.prompt_embeds(batch["input_ids"], batch["features"], batch["coords"],
-                                            batch["tile_mask"], batch["question_mask"], **cached)[1].selection
+            return self.visual(batch).selection
 
 
 def zeros_like_slide(slide: Slide) -> Slide:
     """The same slide with all features zeroed (image-reliance checks); cached tower outputs all zeroed."""
     if isinstance(slide, CachedSlide):
-        return replace(slide, features=np.zeros_like(slide.features), cls_token=np.zeros_like(slide.cls_token),
-                       cls_attention=np.zeros_like(slide.cls_attention), keys=np.zeros_like(slide.keys))
+        return replace(slide, features=np.zeros_like(slide.features), tower_outputs=slide.tower_outputs.zeros_like())
     return Slide(features=np.zeros_like(slide.features), coords=slide.coords, path=slide.path, n_total=slide.n_total)

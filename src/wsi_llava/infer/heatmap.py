@@ -121,11 +121,8 @@ def select_tiles(assistant, slide, question: str | None = None, patch_size: int 
 
     question = question or REPORT_PROMPTS[0]
     ex = assistant.builder.build_generation(question, [], question=question, where=slide.path)
-    batch = assistant.collator([{"input_ids": ex.input_ids, "question_mask": ex.question_mask,
-                                 "features": slide.features, "coords": slide.coords}])
-    device = assistant.model.device
     with torch.inference_mode():
-        sel = assistant.explain({k: v.to(device) for k, v in batch.items()})
+        sel = assistant.explain(assistant.batch([slide], [ex]))
     cfg = assistant.model.config
     scores = None if sel.scores is None else sel.scores[0].float().cpu().numpy()
     return TileSelection(coords=np.asarray(slide.coords, dtype=np.float64), indices=sel.indices[0].cpu().numpy(),

@@ -40,7 +40,8 @@ from ..errors import WsiLlavaError
 from ..fileio import atomic_write_text
 from ..precision import add_precision_arguments
 from . import shard
-from .engine import GenerationSettings, SlideAssistant, zeros_like_slide
+from .engine import SlideAssistant, zeros_like_slide
+from .generation import GenerationSettings
 
 ABLATIONS = ("none", "zero", "shuffle")
 

@@ -2,29 +2,19 @@
 
 ``vision_mode: none`` — tile features go to the projector as they are (no CLS, no attention).
 ``vision_mode: wsi`` — the Prov-GigaPath slide encoder (``model/slide_encoder.py``).
+
+:class:`~wsi_llava.data.tower_output.TowerOutput` is the one tower-output type (also what a tower cache
+reads); it lives in ``data/`` so the data side can build it without importing the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from ..data.tower_output import TowerOutput
 
-@dataclass
-class TowerOutput:
-    """What a tower returns.
-
-    tokens [B, N(+1), D] (CLS first when ``has_cls``); cls_attention [B, N] (CLS→patch attention of the
-    last block, 0 on padding) or None; keys [B, N, Dk] (last-block patch keys) or None;
-    hidden_states: tuple of [B, N(+1), D] or None.
-    """
-
-    tokens: torch.Tensor
-    cls_attention: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+__all__ = ["IdentityTower", "TowerOutput", "build_tower"]
 
 
 class IdentityTower(nn.Module):

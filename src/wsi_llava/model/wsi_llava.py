@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,15 +17,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import CONFIG_MAPPING
 
+from ..data.prompts import IGNORE_INDEX, IMAGE_TOKEN
+from ..data.tower_output import TowerOutput
 from ..errors import MissingFileError
 from .projector import Projector
 from .select import SELECTORS, Selection, SelectOptions
 from .towers import build_tower
 
 logger = logging.getLogger(__name__)
-
-IMAGE_TOKEN = "<image>"
-IGNORE_INDEX = -100
 
 
 class WsiLlavaConfig(PretrainedConfig):
@@ -186,24 +185,23 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def encode_slides(self, features: torch.Tensor, coords: torch.Tensor, tile_mask: torch.Tensor,
                       query: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                      cls_token: torch.Tensor | None = None, cls_attention: torch.Tensor | None = None,
-                      keys: torch.Tensor | None = None) -> VisualOutput:
+                      tower_outputs: TowerOutput | None = None) -> VisualOutput:
         """Tiles → projected visual tokens.
 
         features [B, N, Din], coords [B, N, 2] (x, y), tile_mask [B, N] (True = real), query [B, D] →
         embeds [B, K', H] with K' = ``config.num_image_tokens``.
 
-        Tower-output cache (``tower_cache``, ``data/tower_cache.py``): with ``cls_token`` [B, D] given,
-        ``features`` [B, N, D] are the cached tokens of the selected layer, ``cls_attention`` [B, N] and
-        ``keys`` [B, N, D] the cached last-block outputs; the tower is not run.
+        Tower-output cache (``tower_cache``, ``data/tower_cache.py``): with ``tower_outputs`` given (tokens
+        [B, 1+N, D] of the select layer, CLS first; cls_attention [B, N]; keys [B, N, Dk]) the tower is not
+        run and ``features`` are not read (only their device; they may be [B, N, 0]).
         """
         cfg = self.config
         layer = cfg.mm_vision_select_layer
         tower = self.vision_tower
         frozen = cfg.freeze_vision_tower
         dtype = next(iter(self.multi_modal_projector.parameters())).dtype
-        if cls_token is not None:
-            out = self._cached_tower_output(features, tile_mask, cls_token, cls_attention, keys)
+        if tower_outputs is not None:
+            out = self._cached_tower_output(tower_outputs.to(features.device), tile_mask)
             tokens = out.tokens
         else:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
@@ -223,21 +221,20 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             vis = torch.cat([tokens[:, :1], vis], dim=1)
         return VisualOutput(self.multi_modal_projector(vis.to(dtype)), sel)
 
-    def _cached_tower_output(self, tokens: torch.Tensor, tile_mask: torch.Tensor, cls_token: torch.Tensor,
-                             cls_attention: torch.Tensor | None, keys: torch.Tensor | None):
-        """Cached tower outputs → the tower's output: tokens [B, 1+N, D] (CLS first, 0 on padding)."""
-        from .towers import TowerOutput
-
+    def _cached_tower_output(self, cached: TowerOutput, tile_mask: torch.Tensor) -> TowerOutput:
+        """Checked cached tower outputs: tokens [B, 1+N, D] (CLS first, 0 on padded tiles)."""
         cfg = self.config
         if cfg.vision_mode != "wsi" or not cfg.freeze_vision_tower:
             raise ValueError("cached tower outputs (tower_cache) need vision_mode: wsi with a frozen tower; this model "
                              f"has vision_mode {cfg.vision_mode!r}, freeze_vision_tower {cfg.freeze_vision_tower}")
-        if tokens.shape[-1] != cfg.mm_hidden_size or cls_token.shape != (tokens.shape[0], tokens.shape[-1]):
-            raise ValueError(f"cached tokens {tuple(tokens.shape)} / CLS {tuple(cls_token.shape)} do not fit the model's "
-                             f"tower width mm_hidden_size={cfg.mm_hidden_size} (tower_cache made by another tower?)")
-        patches = tokens.masked_fill(~tile_mask.unsqueeze(-1), 0)
-        full = torch.cat([cls_token.unsqueeze(1).to(patches.dtype), patches], dim=1)
-        return TowerOutput(tokens=full, cls_attention=cls_attention, keys=keys)
+        tokens = cached.tokens
+        want = (*tile_mask.shape[:1], tile_mask.shape[1] + 1, cfg.mm_hidden_size)
+        if tuple(tokens.shape) != want:
+            raise ValueError(f"cached tokens {tuple(tokens.shape)} do not fit the model's tower width "
+                             f"mm_hidden_size={cfg.mm_hidden_size} and the {tile_mask.shape[1]} tiles: expected {want} "
+                             "(CLS first; tower_cache made by another tower?)")
+        patches = tokens[:, 1:].masked_fill(~tile_mask.unsqueeze(-1), 0)
+        return replace(cached, tokens=torch.cat([tokens[:, :1], patches], dim=1))
 
     def merge(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Put visual [B, K', H] at the ``<image>`` positions of inputs_embeds [B, T, H] (one masked_scatter)."""
@@ -251,14 +248,14 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return inputs_embeds.masked_scatter(mask, visual.to(inputs_embeds.dtype))
 
     # -- forward / generate ----------------------------------------------------------------------
-    def prompt_embeds(self, input_ids: torch.Tensor, features: torch.Tensor | None, coords: torch.Tensor | None = None,
+    def visual_tokens(self, input_ids: torch.Tensor, features: torch.Tensor | None, coords: torch.Tensor | None = None,
                       tile_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
-                      **cached) -> tuple[torch.Tensor, VisualOutput]:
-        """Text embeddings with the slides' visual tokens at the ``<image>`` positions.
+                      tower_outputs: TowerOutput | None = None) -> VisualOutput:
+        """The slides' visual tokens for these prompts (the question steers ``prompt_topk`` selection).
 
-        input_ids, question_mask [B, T]; features [B, N, Din] (or cached tower tokens with ``cached`` =
-        ``cls_token``/``cls_attention``/``keys``); coords [B, N, 2]; tile_mask [B, N] →
-        (inputs_embeds [B, T, H], the visual output with its selection).
+        input_ids, question_mask [B, T]; features [B, N, Din]; coords [B, N, 2]; tile_mask [B, N];
+        tower_outputs: cached tower outputs for the B slides (see ``encode_slides``), or None →
+        the visual output: embeds [B, K', H] and its selection.
         """
         if features is None:
             raise ValueError("the prompt holds <image> tokens but no slide features were given")
@@ -270,22 +267,29 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if self.text_query_projection is not None:
             qmask = question_mask if question_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
             query = self.question_query(input_ids, qmask)
-        visual = self.encode_slides(features, coords, tile_mask, query=query, **cached)
+        return self.encode_slides(features, coords, tile_mask, query=query, tower_outputs=tower_outputs)
+
+    def prompt_embeds(self, input_ids: torch.Tensor, features: torch.Tensor | None, coords: torch.Tensor | None = None,
+                      tile_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                      tower_outputs: TowerOutput | None = None) -> tuple[torch.Tensor, VisualOutput]:
+        """Text embeddings with the slides' visual tokens at the ``<image>`` positions.
+
+        Arguments as :meth:`visual_tokens` → (inputs_embeds [B, T, H], the visual output with its selection).
+        """
+        visual = self.visual_tokens(input_ids, features, coords, tile_mask, question_mask, tower_outputs)
         return self.merge(input_ids, self.get_input_embeddings()(input_ids), visual.embeds), visual
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 features: torch.Tensor | None = None, coords: torch.Tensor | None = None,
                 tile_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                cls_token: torch.Tensor | None = None, cls_attention: torch.Tensor | None = None,
-                keys: torch.Tensor | None = None, **kwargs):
+                tower_outputs: TowerOutput | None = None, **kwargs):
         """input_ids/attention_mask/labels/question_mask [B, T]; features [B, N, Din]; coords [B, N, 2];
         tile_mask [B, N]. Returns the language model's output (loss, logits [B, T, V], cache).
-        With ``cls_token`` [B, D] (+ ``cls_attention`` [B, N], ``keys`` [B, N, D]) the features are cached
-        tower tokens [B, N, D] and the tower is skipped (see ``encode_slides``)."""
+        With ``tower_outputs`` (cached, tokens [B, 1+N, D]) the tower is skipped (see ``encode_slides``)."""
         if input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
             inputs_embeds, _ = self.prompt_embeds(input_ids, features, coords, tile_mask, question_mask,
-                                                  cls_token=cls_token, cls_attention=cls_attention, keys=keys)
+                                                  tower_outputs=tower_outputs)
         elif inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if labels is not None and "logits_to_keep" not in kwargs and self._lm_accepts_logits_to_keep():
@@ -319,7 +323,7 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """Slide inputs go to the first (prefill) step only; later steps decode from the cache."""
         inputs = super().prepare_inputs_for_generation(input_ids, *args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in ("features", "coords", "tile_mask", "question_mask", "cls_token", "cls_attention", "keys"):
+            for key in ("features", "coords", "tile_mask", "question_mask", "tower_outputs"):
                 inputs.pop(key, None)
         return inputs
 

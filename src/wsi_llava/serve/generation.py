@@ -1,16 +1,14 @@
-"""One batched ``generate`` for the server: cached visual tokens, per-row limits, token streaming.
+"""Serving's side of generation: cached visual tokens per slide, rows that stream and can be cancelled.
 
-Differences from :meth:`SlideAssistant.answer` that serving needs:
+The decoding itself is the one engine, :func:`wsi_llava.infer.generation.generate` (per-row limits, stop
+strings, cancellation, streaming). What serving adds:
 
-* each slide's visual tokens (tower → selection → projector, :meth:`encode_slides` at B = 1, no
+* each slide's visual tokens (tower → selection → projector, the model's ``visual_tokens`` at B = 1, no
   padding) are computed once and kept in an LRU cache keyed by the slide file and — for selectors
   that read the question (``prompt_topk``) — the question's tokens; a follow-up turn on the same
   slide skips the tower entirely;
-* the merged prompt embeddings go to the language model's own ``generate`` (what
-  ``WsiLlavaForConditionalGeneration.generate`` does after its prefill step);
-* every row has its own ``max_tokens`` and ``stop`` strings and can be cancelled; a
-  :class:`RowController` (a ``StoppingCriteria``) decodes each new token, streams the row's text
-  delta, and ends rows independently, so one long answer does not hold the batch's short ones.
+* a :class:`Row` carries the request's slide, cache key and callbacks; a :class:`RowResult` the
+  answer with the visual tokens and selection used (for ``explain``).
 
 Shapes: B rows, T prompt tokens, K' = ``config.num_image_tokens`` visual tokens, H LM width,
 N tiles of a slide.
@@ -18,17 +16,15 @@ N tiles of a slide.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..data.prompts import Example
 from ..data.slides import Slide
-from ..infer.engine import GenerationSettings
+from ..infer.generation import GenerationSettings, Generated, Request, generate
 from .caches import LRUCache
 
 
@@ -68,23 +64,15 @@ class Row:
 
 
 @dataclass
-class RowResult:
-    """What one row produced."""
+class RowResult(Generated):
+    """What one row produced: the engine's answer and the visual tokens and selection used."""
 
-    text: str
-    """The answer (stop strings cut, whitespace stripped)."""
-    finish_reason: str
-    """``stop`` (end of turn or a stop string), ``length`` (max_tokens) or ``cancelled``."""
-    prompt_tokens: int
-    """Prompt tokens, visual tokens included."""
-    completion_tokens: int
-    """Generated tokens (the end-of-turn token included)."""
-    visual: Visual
+    visual: Visual | None = None
     """The visual tokens and selection used."""
 
 
 class VisualEncoder:
-    """Visual tokens per (slide, question) through the model's ``encode_slides`` with an LRU cache."""
+    """Visual tokens per (slide, question) through the model's ``visual_tokens`` with an LRU cache."""
 
     def __init__(self, model, cache: LRUCache[Visual]):
         self.model = model
@@ -98,7 +86,7 @@ class VisualEncoder:
 
     @torch.inference_mode()
     def encode(self, row: Row) -> Visual:
-        """features [N, D] of ``row.slide`` → :class:`Visual` (cached)."""
+        """features [N, D] of ``row.slide`` → :class:`Visual` (cached): the model's visual tokens at B = 1."""
         key = (row.slide_key, self.query_key(row.example))
         hit = self.cache.get(key)
         if hit is not None:
@@ -107,13 +95,9 @@ class VisualEncoder:
         device = m.device
         feats = torch.from_numpy(np.ascontiguousarray(row.slide.features)).to(device)[None]
         coords = torch.from_numpy(np.ascontiguousarray(row.slide.coords)).to(device)[None]
-        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
-        query = None
-        if m.text_query_projection is not None:
-            ids = torch.tensor([row.example.input_ids], device=device)
-            qmask = torch.tensor([row.example.question_mask], device=device)
-            query = m.question_query(ids, qmask)
-        out = m.encode_slides(feats, coords, mask, query=query)
+        ids = torch.tensor([row.example.input_ids], device=device)
+        qmask = torch.tensor([row.example.question_mask], device=device)
+        out = m.visual_tokens(ids, feats, coords, question_mask=qmask)
         sel = out.selection
         scores = sel.scores[0].float().cpu().numpy() if sel.scores is not None else None
         vis = Visual(out.embeds[0].detach(), sel.indices[0].tolist(), scores)
@@ -121,132 +105,11 @@ class VisualEncoder:
         return vis
 
 
-@dataclass
-class _RowState:
-    ids: list
-    sent: str = ""
-    text: str = ""
-    done: bool = False
-    finish_reason: str | None = None
-    n_generated: int = 0
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of ``text`` that might start a stop string or an unfinished character."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    while hold < len(text) and text[len(text) - hold - 1] == "\ufffd":
-        hold += 1
-    return hold
-
-
-class RowController(StoppingCriteria):
-    """Per-row end of generation and streaming, called by ``generate`` after every new token.
-
-    For each live row: an end-of-turn token ends it (``stop``); otherwise the token is appended, the
-    row's text decoded, a stop string ends it (the text is cut before it), reaching the row's
-    ``max_new_tokens`` ends it (``length``), ``cancelled()`` ends it (``cancelled``). The new text is
-    passed to ``on_delta``, holding back what could still become a stop string, an unfinished UTF-8
-    character or trailing whitespace, so the deltas add up to exactly the final text.
-    """
-
-    def __init__(self, tokenizer, rows: list[Row], eos_ids: set[int]):
-        self.tokenizer = tokenizer
-        self.rows = rows
-        self.eos_ids = eos_ids
-        self.state = [_RowState(ids=[]) for _ in rows]
-
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        last = input_ids[:, -1].tolist()
-        for row, st, tok in zip(self.rows, self.state, last):
-            if not st.done:
-                self._step(row, st, int(tok))
-        return torch.tensor([st.done for st in self.state], dtype=torch.bool, device=input_ids.device)
-
-    def _step(self, row: Row, st: _RowState, tok: int) -> None:
-        st.n_generated += 1
-        if tok in self.eos_ids:
-            self._finish(row, st, "stop")
-            return
-        st.ids.append(tok)
-        text = self.tokenizer.decode(st.ids, skip_special_tokens=True).lstrip()
-        cuts = [text.index(s) for s in row.settings.stop if s in text]
-        if cuts:
-            st.text = text[: min(cuts)]
-            self._finish(row, st, "stop")
-            return
-        st.text = text
-        if st.n_generated >= row.settings.max_new_tokens:
-            self._finish(row, st, "length")
-        elif row.cancelled():
-            self._finish(row, st, "cancelled")
-        else:
-            visible = text.rstrip()
-            self._send(row, st, visible[: len(visible) - _held_back(visible, row.settings.stop)].rstrip())
-
-    def _finish(self, row: Row, st: _RowState, reason: str) -> None:
-        st.text = st.text.rstrip()
-        st.done, st.finish_reason = True, reason
-        self._send(row, st, st.text)
-
-    def _send(self, row: Row, st: _RowState, upto: str) -> None:
-        if row.on_delta is None or len(upto) <= len(st.sent) or not upto.startswith(st.sent):
-            return
-        delta, st.sent = upto[len(st.sent):], upto
-        row.on_delta(delta)
-
-    def finish_unended(self) -> None:
-        """Rows still live when ``generate`` returned (it hit the batch's longest limit) end as ``length``."""
-        for row, st in zip(self.rows, self.state):
-            if not st.done:
-                self._finish(row, st, "length")
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """End-of-turn ids: the model's generation config plus the tokenizer's eos."""
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
-@torch.inference_mode()
 def generate_rows(model, tokenizer, rows: list[Row], visuals: list[Visual]) -> list[RowResult]:
-    """Generate answers for ``rows`` (sharing temperature/top_p/seed) in one ``generate`` call.
-
-    Prompts are left-padded to T; ``visuals[i].embeds`` [K', H] replace row i's ``<image>`` tokens.
-    """
+    """Generate answers for ``rows`` (sharing temperature/top_p/seed) in one ``generate`` call of the
+    engine; ``visuals[i].embeds`` [K', H] replace row i's ``<image>`` tokens."""
     if not rows:
         return []
-    pad = tokenizer.pad_token_id
-    device = model.device
-    t = max(len(r.example.input_ids) for r in rows)
-    input_ids = torch.full((len(rows), t), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.example.input_ids)
-        input_ids[i, t - n:] = torch.tensor(r.example.input_ids)
-        attention[i, t - n:] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    embeds = model.get_input_embeddings()(input_ids)
-    embeds = model.merge(input_ids, embeds, torch.stack([v.embeds for v in visuals]).to(device))
-    controller = RowController(tokenizer, rows, eos_token_ids(model, tokenizer))
-    first = rows[0].settings
-    gen = copy.deepcopy(model.generation_config)
-    gen.update(max_new_tokens=max(r.settings.max_new_tokens for r in rows), pad_token_id=pad,
-               eos_token_id=sorted(controller.eos_ids) or None)
-    if first.temperature > 0:
-        torch.manual_seed(first.seed)
-        gen.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=None)
-    else:
-        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    model.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention,
-                                  generation_config=gen, stopping_criteria=StoppingCriteriaList([controller]))
-    controller.finish_unended()
-    return [RowResult(st.text, st.finish_reason, len(r.example.input_ids), st.n_generated, v)
-            for r, st, v in zip(rows, controller.state, visuals)]
+    requests = [Request(r.example.input_ids, r.settings, r.on_delta, r.cancelled) for r in rows]
+    results = generate(model, tokenizer, requests, torch.stack([v.embeds for v in visuals]))
+    return [RowResult(**vars(g), visual=v) for g, v in zip(results, visuals)]
