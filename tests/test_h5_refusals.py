@@ -24,7 +24,8 @@ import pytest
 
 from wsi_llava.data import h5safety
 from wsi_llava.data.convert import convert_file, convert_many
-from wsi_llava.data.slides import SlideError, load_slide, read_slide_meta, scan_slide
+from wsi_llava.data.scan import scan_slide
+from wsi_llava.data.slides import SlideError, load_slide, read_slide_meta
 from wsi_llava.data.validate import validate_manifests
 
 D = 8
@@ -322,7 +323,8 @@ def test_huge_chunk_refused_fast_with_bounded_memory(tmp_path):
     assert os.path.getsize(path) < 16 * 2**20
     code = textwrap.dedent(f"""
         import json, resource, sys, time
-        from wsi_llava.data.slides import SlideError, load_slide, scan_slide
+        from wsi_llava.data.scan import scan_slide
+        from wsi_llava.data.slides import SlideError, load_slide
         from wsi_llava.data.convert import convert_file
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.monotonic()

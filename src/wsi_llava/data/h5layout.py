@@ -1,6 +1,6 @@
 """Byte addresses of HDF5 dataset rows, and positioned reads of rows from a file.
 
-Two helpers behind the fast tile reader (:mod:`wsi_llava.data.slides`):
+Two helpers behind the fast tile reader (:mod:`wsi_llava.data.readers`):
 
 * :func:`chunk_table` — the file address of every chunk of a chunked dataset, read straight from the
   dataset's **version-1 B-tree** (the chunk index h5py and the HDF5 library write by default, so

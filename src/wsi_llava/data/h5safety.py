@@ -8,7 +8,7 @@ FIFO that blocks the reader forever) or a *soft link*; chunked storage may be on
 early-allocated chunks and contiguous storage hold the fill value where nothing was ever written, and
 HDF5 records no difference; a tiny compressed file may declare gigabytes of decompressed chunks.
 
-:mod:`wsi_llava.data.slides` (``load_slide``, ``read_slide_meta``, ``scan_slide``; so training,
+:mod:`wsi_llava.data.slides` (``load_slide``, ``read_slide_meta``), :mod:`wsi_llava.data.scan` (``scan_slide``; so training,
 ``validate``, ``predict``, ``serve``, ``encode`` and ``convert-h5``) and the tower cache use these
 functions, and nothing else opens a slide file:
 

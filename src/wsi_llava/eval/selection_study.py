@@ -130,7 +130,8 @@ def planted_lookup(path: str | Path) -> dict[tuple[float, float], bool]:
 
     Raises ``ValueError`` naming the file when it has no ``planted`` dataset or its length differs
     from the coordinates'."""
-    from ..data.slides import COORD_KEYS, open_slide, slide_dataset
+    from ..data.slide_checks import COORD_KEYS
+    from ..data.slides import open_slide, slide_dataset
 
     with open_slide(path) as f:  # checked: a regular file; links resolved inside the file only
         planted_ds = slide_dataset(f, "planted")
