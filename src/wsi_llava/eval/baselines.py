@@ -40,7 +40,7 @@ import numpy as np
 from ..data.choices import LETTERS, normalize_text
 from .extract import yes_no_label
 from .polar import binary_label, question_form
-from .stats import paired_bootstrap, proportion_intervals
+from .stats import paired_bootstrap, proportion_intervals, stable_seed
 
 #: WSI-Bench categories (file stem without ``_test``) → the capability group papers report.
 #: Closed questions: morphology = Morphology_choice (682); diagnosis = Diagnosis_choice (413) +
@@ -110,7 +110,7 @@ def question_from_fields(key: str, kind: str, gold: str, *, question: str = "", 
 
 
 def questions_from_items(items: Iterable) -> list[Question]:
-    """Questions from scored prediction items (:class:`~wsi_llava.eval.metrics.Item`)."""
+    """Questions from scored prediction items (:class:`~wsi_llava.eval.rows.Item`)."""
     return [question_from_fields(it.key, it.kind, it.reference, question=it.question, choices=it.choices,
                                  category=it.category, dataset=it.dataset) for it in items]
 
@@ -337,8 +337,6 @@ def baselines_with_model(items: Sequence, correct: np.ndarray, *, bootstrap: int
                          runs: Mapping[str, np.ndarray] | None = None,
                          fit: Sequence[Question] | None = None) -> dict[str, object]:
     """The public baseline table of scored items, with the model's margin (and other runs' accuracy)."""
-    from .metrics import stable_seed
-
     questions = questions_from_items(items)
     table = baseline_table(questions, confidence, fit)
     model_margins(table, questions, correct, bootstrap=bootstrap, confidence=confidence,

@@ -27,12 +27,8 @@ from ..data.subset import add_subset_arguments, select
 from ..precision import add_precision_arguments
 from .circular import circular_metrics, rotate_records
 from .judge import JudgeConfig
-from .metrics import (
-    EvalConfig,
-    EvalInputError,
-    evaluate_items_with_scores,
-    prepare_items,
-)
+from .metrics import EvalConfig, evaluate_items_with_scores
+from .rows import EvalInputError, prepare_items
 from .report import (
     baselines_summary,
     summary_table,
