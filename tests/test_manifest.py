@@ -8,15 +8,8 @@ import pickle
 
 import pytest
 
-from wsi_llava.data.manifest import (
-    ManifestError,
-    Record,
-    choice_letter,
-    load_manifest,
-    option_lines,
-    parse_choices,
-    read_manifest,
-)
+from wsi_llava.data.choices import choice_letter, option_lines
+from wsi_llava.data.manifest import ManifestError, Record, load_manifest, parse_choices, read_manifest
 
 HEADER = "h5_path,caption,question,answer,slide_id,dataset"
 

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .manifest import Problem, Record, option_lines, read_manifest_rows, record_problems
+from .choices import option_lines
+from .manifest import Problem, Record, read_manifest_rows
+from .records import record_problems
 from .scan import scan_slide
 from .slides import SlideError, load_slide, read_slide_meta
 

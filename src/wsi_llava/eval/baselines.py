@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.choices import LETTERS, normalize_text
+from ..data.choices import LETTERS, choice_letter, normalize_text
 from .extract import yes_no_label
 from .polar import binary_label, question_form
 from .stats import paired_bootstrap, proportion_intervals, stable_seed
@@ -418,8 +418,6 @@ def _from_import_item(it, fmt: str) -> Question:
 
 
 def _from_record(rec) -> Question:
-    from ..data.manifest import choice_letter
-
     name = Path(rec.source).name
     key = f"{name}#{rec.row}"
     if rec.kind == "mc":

@@ -222,7 +222,7 @@ def closed_manifest(src: Path, dest: Path) -> Path:
     """Copy a manifest CSV keeping only the closed-question rows (no report/caption rows)."""
     import csv
 
-    from ..data.manifest import write_manifest_csv
+    from ..data.manifest_writer import write_manifest_csv
 
     with open(src, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
