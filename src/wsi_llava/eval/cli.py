@@ -240,7 +240,7 @@ def run(predictions: str, out: str, config: EvalConfig, *, data: str | None = No
 def _fit_questions(paths: Sequence[str] | None, split: str | None):
     if not paths:
         return None
-    from .baselines import load_questions
+    from .questions import load_questions
 
     return load_questions(paths)[0]
 
@@ -249,7 +249,8 @@ def run_baselines(data: Sequence[str], out: str, config: EvalConfig, *, split: s
                   categories: Sequence[str] | None = None, limit: int | None = None,
                   fit_data: Sequence[str] | None = None) -> dict:
     """``--baselines-only``: blind baselines of question files (no model, no slides) → outputs."""
-    from .baselines import baseline_table, load_questions, public
+    from .baselines import baseline_table, public
+    from .questions import load_questions
 
     questions, provenance = load_questions(data, split)
     questions = select(questions, categories, limit, what="questions")
