@@ -405,7 +405,7 @@ def test_other_slide_readers_use_the_checked_open(tmp_path):
     """Heatmap tile size, the synthetic-cohort lookup, encode's row order and the tower cache open slide
     files through the same check: an external link is refused, never followed."""
     from wsi_llava.data.tower_cache import TowerCache, TowerCacheError, cache_file_name
-    from wsi_llava.eval.selection_study import planted_lookup
+    from selection_study import planted_lookup  # experiments/ (on sys.path through conftest.py)
     from wsi_llava.infer.heatmap import read_patch_size
 
     path = build(tmp_path, "external_link_to_fifo")

@@ -35,7 +35,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("wsi_llava.demo", "Synthetic cohort -> stage 2 -> stage 3 -> evaluation, end to end."),
     "serve": ("wsi_llava.serve.cli", "OpenAI-compatible slide chat API and web viewer (FastAPI + uvicorn)."),
     "heatmap": ("wsi_llava.infer.heatmap", "Draw which tiles the selector keeps (PNG heatmap) and export them as GeoJSON."),
-    "study-selection": ("wsi_llava.eval.selection_study", "Token-budget study of the selectors on a synthetic cohort (table + plot)."),
 }
 
 
