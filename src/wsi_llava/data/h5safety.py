@@ -322,7 +322,7 @@ def check_feature_rows(path: str, key: str, feats: np.ndarray, rows: np.ndarray,
     no NaN/Inf, and no row that is all zeros or all the fill value ``fill`` (what never-written storage
     reads as; a feature extractor's output is never constant across all D values).
 
-    Fast path: one vectorised row sum (``einsum``'s plain float32 sum, ≈ 0.25 ms for 2,048 × 1,536).
+    Fast path: one vectorised row sum (``einsum``'s plain float32 sum; its cost: docs/data.md).
     A NaN or Inf makes its row's sum non-finite; an all-zero row sums to exactly 0 and an all-``fill``
     row to about D·fill, so only rows with such sums are looked at exactly.
     """
