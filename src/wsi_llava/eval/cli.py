@@ -198,12 +198,6 @@ def score_file_with_scores(path: str, config: EvalConfig, data: str | None = Non
     return metrics, items, scores, rows
 
 
-def score_file(path: str, config: EvalConfig, data: str | None = None, split: str | None = None,
-               judge: JudgeConfig | None = None) -> dict:
-    """Score one predictions file (joined to ``data`` when given; LLM-judged when ``judge``) → metrics."""
-    return score_file_with_scores(path, config, data, split, judge)[0]
-
-
 def run(predictions: str, out: str, config: EvalConfig, *, data: str | None = None, split: str | None = None,
         compare: Mapping[str, str] | None = None, judge: JudgeConfig | None = None,
         categories: Sequence[str] | None = None, limit: int | None = None,
