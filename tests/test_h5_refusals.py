@@ -113,6 +113,18 @@ def external_short(path):
         f["coords"] = C
 
 
+def external_four_files(path):
+    """Rows spread over four raw files: the refusal names the first three and says there are more."""
+    files = []
+    for i, name in enumerate("abcd"):
+        raw = path.with_name(f"{name}.bin")
+        raw.write_bytes(F[16 * i:16 * (i + 1)].tobytes())
+        files.append((str(raw), 0, 16 * D * 4))
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", shape=(N, D), dtype="f4", external=files)
+        f["coords"] = C
+
+
 def external_link(path):
     other = path.with_name("other.h5")
     with h5py.File(other, "w") as f:
@@ -214,6 +226,8 @@ CASES = {
     "virtual_source_gone": (virtual_source_gone, r"`features` is a virtual dataset .*source\.h5"),
     "external_storage_passwd": (external_passwd, r"`features` uses external raw storage \('/etc/passwd'\)"),
     "external_storage_short": (external_short, r"`features` uses external raw storage .*raw\.bin"),
+    "external_storage_four_files": (external_four_files,
+                                    r"`features` uses external raw storage \('[^']*a\.bin', '[^']*b\.bin', '[^']*c\.bin', …\);"),
     "external_link": (external_link, r"`features` is an external link to `/features` in file .*other\.h5"),
     "external_link_to_fifo": (external_link_to_fifo, r"`coords` is an external link .*pipe.*never followed"),
     "soft_link_through_external_link": (soft_link_through_external_group, r"`features` is an external link"),
