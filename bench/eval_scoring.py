@@ -18,8 +18,10 @@ import random
 import time
 from pathlib import Path
 
-from wsi_llava.eval.extract import parse_inline_options
-from wsi_llava.eval.metrics import EvalConfig, aggregate, load_wordnet, prepare_items, score_items
+from wsi_llava.data.choices import parse_inline_options
+from wsi_llava.eval.metrics import EvalConfig, aggregate, score_items
+from wsi_llava.eval.rows import prepare_items
+from wsi_llava.eval.wordnet import load_wordnet
 
 
 def bench_files(bench_dir: str) -> list[str]:

@@ -33,7 +33,8 @@ import h5py
 import numpy as np
 
 from wsi_llava.data.h5layout import FileReader, chunk_table
-from wsi_llava.data.slides import load_slide, sample_indices
+from wsi_llava.data.sampling import sample_indices
+from wsi_llava.data.slides import load_slide
 
 
 def write_layouts(folder: Path, n: int, d: int) -> dict[str, Path]:

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,12 @@ from safetensors import safe_open
 from wsi_llava.data.synthetic import SynthConfig, make_cohort
 from wsi_llava.model.slide_encoder import SlideEncoder, load_slide_encoder
 from wsi_llava.tiny import TinyLMConfig, build_tiny_llm
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+"""Experiments built on the package (``python experiments/NAME.py``), outside ``src/``; on ``sys.path``
+so their tests can import them by module name."""
+if str(EXPERIMENTS) not in sys.path:
+    sys.path.insert(0, str(EXPERIMENTS))
 
 FIXTURE_REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 """The committed compact reference vectors (see its README.md)."""

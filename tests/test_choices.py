@@ -6,9 +6,10 @@ import json
 import pytest
 
 from wsi_llava.data.choices import ChoiceError, choice_letter, match_choice
-from wsi_llava.data.manifest import read_manifest, write_manifest_csv
+from wsi_llava.data.manifest import read_manifest
+from wsi_llava.data.manifest_writer import write_manifest_csv
 from wsi_llava.data.prompts import record_turn
-from wsi_llava.eval.metrics import EvalInputError, prepare_items
+from wsi_llava.eval.rows import EvalInputError, prepare_items
 
 DIAG = [
     "Adenocarcinoma",

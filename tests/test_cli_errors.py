@@ -14,7 +14,7 @@ import yaml
 
 from wsi_llava.cli import main
 from wsi_llava.config import ConfigError
-from wsi_llava.data.manifest import write_manifest_csv
+from wsi_llava.data.manifest_writer import write_manifest_csv
 from wsi_llava.errors import MissingFileError, WsiLlavaError
 
 

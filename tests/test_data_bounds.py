@@ -13,7 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from wsi_llava.data.manifest import MAX_CHOICES_CHARS, MAX_JSON_DEPTH, Record, read_manifest_rows
+from wsi_llava.data.manifest import MAX_CHOICES_CHARS, Record, read_manifest_rows
+from wsi_llava.data.records import MAX_JSON_DEPTH
 
 ROW = dict(dataset="d", question="Q?", answer="A", caption="", choices=None, split=None, case_id=None,
            category=None, source="m.csv")

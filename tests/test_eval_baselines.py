@@ -1,5 +1,5 @@
 """Blind baselines, WSI-Bench groups, sentence-form yes/no answers, question-set provenance and
-subsets (eval/baselines.py, eval/polar.py, data/provenance.py, data/subset.py, `eval --baselines-only`).
+subsets (eval/baselines.py, eval/questions.py, eval/polar.py, data/provenance.py, data/subset.py, `eval --baselines-only`).
 
 The question files are small synthetic files in the public formats, built here."""
 
@@ -11,7 +11,8 @@ import time
 import pytest
 
 from wsi_llava.cli import main as cli_main
-from wsi_llava.eval.baselines import WSI_BENCH_GROUPS, Question, baseline_table, blind_baselines, load_questions
+from wsi_llava.eval.baselines import WSI_BENCH_GROUPS, Question, baseline_table, blind_baselines
+from wsi_llava.eval.questions import load_questions
 from wsi_llava.eval.metrics import evaluate_predictions
 from wsi_llava.eval.polar import binary_label, question_form
 

@@ -2,12 +2,8 @@
 
 import pytest
 
-from wsi_llava.eval.extract import (
-    extract_choice,
-    extract_yes_no,
-    parse_inline_options,
-    yes_no_label,
-)
+from wsi_llava.data.choices import parse_inline_options
+from wsi_llava.eval.extract import extract_choice, extract_yes_no, yes_no_label
 
 # Options as they appear in WSI-Bench (dataset/*_choice_test.json of the public WSI-LLaVA repository).
 DIAG = [

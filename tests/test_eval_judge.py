@@ -8,7 +8,8 @@ import pytest
 
 from wsi_llava.cli import main as cli_main
 from wsi_llava.eval.judge import JudgeConfig, ask, build_messages, endpoint, judge_items, parse_judgement
-from wsi_llava.eval.metrics import EvalConfig, prepare_items
+from wsi_llava.eval.metrics import EvalConfig
+from wsi_llava.eval.rows import prepare_items
 
 
 class FakeJudge(BaseHTTPRequestHandler):

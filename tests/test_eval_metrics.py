@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values and direct library calls; bootstrap determinism (eval/metrics.py)."""
+"""Metrics against hand-computed values and direct library calls; bootstrap determinism (eval/metrics.py, rows.py, text_metrics.py, wordnet.py, stats.py)."""
 
 import math
 
@@ -8,24 +8,12 @@ from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
-from wsi_llava.eval.metrics import (
-    EvalConfig,
-    EvalInputError,
-    bleu_from_statistics,
-    bleu_from_statistics_batch,
-    bleu_statistics,
-    compare_metrics,
-    evaluate_predictions,
-    load_wordnet,
-    meteor_scores,
-    meteor_tokens,
-    prepare_items,
-    resample_counts,
-    rouge_scores,
-    stable_seed,
-    WordNet,
-    _NoSynonyms,
-)
+from wsi_llava.eval.metrics import EvalConfig, compare_metrics, evaluate_predictions
+from wsi_llava.eval.rows import EvalInputError, prepare_items
+from wsi_llava.eval.stats import resample_counts, stable_seed
+from wsi_llava.eval.text_metrics import (bleu_from_statistics, bleu_from_statistics_batch, bleu_statistics,
+                                         meteor_scores, meteor_tokens, rouge_scores)
+from wsi_llava.eval.wordnet import WordNet, _NoSynonyms, load_wordnet
 
 DIAG = ["Adenocarcinoma", "Squamous cell carcinoma, keratinizing type",
         "Squamous cell carcinoma, non-keratinizing type", "Small cell lung carcinoma"]

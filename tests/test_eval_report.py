@@ -7,7 +7,8 @@ import pytest
 
 from wsi_llava.cli import main as cli_main
 from wsi_llava.eval.cli import load_prediction_rows
-from wsi_llava.eval.metrics import EvalInputError, evaluate_predictions
+from wsi_llava.eval.metrics import evaluate_predictions
+from wsi_llava.eval.rows import EvalInputError
 from wsi_llava.eval.report import render_markdown, summary_table
 
 DIAG = ["Adenocarcinoma", "Squamous cell carcinoma, keratinizing type",

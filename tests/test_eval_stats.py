@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import binom, binomtest
 
 from wsi_llava.cli import main as cli_main
-from wsi_llava.eval.metrics import EvalConfig, evaluate_items_with_scores, prepare_items
+from wsi_llava.eval.metrics import EvalConfig, evaluate_items_with_scores
+from wsi_llava.eval.rows import prepare_items
 from wsi_llava.eval.paired import paired_tests
 from wsi_llava.eval.stats import clopper_pearson_interval, mcnemar_exact, paired_bootstrap, wilson_interval
 

@@ -216,7 +216,9 @@ def _phase(name: str) -> None:
 def check_file(path: str, known: dict | None, phase=lambda name: None) -> list[str]:
     """Every problem with how the reader treated ``path``; else the outcomes (``ok`` / ``error``) of
     its calls. See the module doc."""
-    from wsi_llava.data.slides import SlideError, load_slide, sample_indices, scan_slide
+    from wsi_llava.data.sampling import sample_indices
+    from wsi_llava.data.scan import scan_slide
+    from wsi_llava.data.slides import SlideError, load_slide
 
     problems, outcomes = [], []
     fill_values = [0.0]

@@ -24,7 +24,8 @@ import pytest
 
 from wsi_llava.data import h5safety
 from wsi_llava.data.convert import convert_file, convert_many
-from wsi_llava.data.slides import SlideError, load_slide, read_slide_meta, scan_slide
+from wsi_llava.data.scan import scan_slide
+from wsi_llava.data.slides import SlideError, load_slide, read_slide_meta
 from wsi_llava.data.validate import validate_manifests
 
 D = 8
@@ -109,6 +110,18 @@ def external_short(path):
     raw.write_bytes(F[:10].tobytes())  # 10 rows of the 64 declared
     with h5py.File(path, "w") as f:
         f.create_dataset("features", shape=(N, D), dtype="f4", external=[(str(raw), 0, N * D * 4)])
+        f["coords"] = C
+
+
+def external_four_files(path):
+    """Rows spread over four raw files: the refusal names the first three and says there are more."""
+    files = []
+    for i, name in enumerate("abcd"):
+        raw = path.with_name(f"{name}.bin")
+        raw.write_bytes(F[16 * i:16 * (i + 1)].tobytes())
+        files.append((str(raw), 0, 16 * D * 4))
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", shape=(N, D), dtype="f4", external=files)
         f["coords"] = C
 
 
@@ -213,6 +226,8 @@ CASES = {
     "virtual_source_gone": (virtual_source_gone, r"`features` is a virtual dataset .*source\.h5"),
     "external_storage_passwd": (external_passwd, r"`features` uses external raw storage \('/etc/passwd'\)"),
     "external_storage_short": (external_short, r"`features` uses external raw storage .*raw\.bin"),
+    "external_storage_four_files": (external_four_files,
+                                    r"`features` uses external raw storage \('[^']*a\.bin', '[^']*b\.bin', '[^']*c\.bin', …\);"),
     "external_link": (external_link, r"`features` is an external link to `/features` in file .*other\.h5"),
     "external_link_to_fifo": (external_link_to_fifo, r"`coords` is an external link .*pipe.*never followed"),
     "soft_link_through_external_link": (soft_link_through_external_group, r"`features` is an external link"),
@@ -322,7 +337,8 @@ def test_huge_chunk_refused_fast_with_bounded_memory(tmp_path):
     assert os.path.getsize(path) < 16 * 2**20
     code = textwrap.dedent(f"""
         import json, resource, sys, time
-        from wsi_llava.data.slides import SlideError, load_slide, scan_slide
+        from wsi_llava.data.scan import scan_slide
+        from wsi_llava.data.slides import SlideError, load_slide
         from wsi_llava.data.convert import convert_file
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.monotonic()
@@ -403,7 +419,7 @@ def test_other_slide_readers_use_the_checked_open(tmp_path):
     """Heatmap tile size, the synthetic-cohort lookup, encode's row order and the tower cache open slide
     files through the same check: an external link is refused, never followed."""
     from wsi_llava.data.tower_cache import TowerCache, TowerCacheError, cache_file_name
-    from wsi_llava.eval.selection_study import planted_lookup
+    from selection_study import planted_lookup  # experiments/ (on sys.path through conftest.py)
     from wsi_llava.infer.heatmap import read_patch_size
 
     path = build(tmp_path, "external_link_to_fifo")

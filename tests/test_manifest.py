@@ -8,15 +8,8 @@ import pickle
 
 import pytest
 
-from wsi_llava.data.manifest import (
-    ManifestError,
-    Record,
-    choice_letter,
-    load_manifest,
-    option_lines,
-    parse_choices,
-    read_manifest,
-)
+from wsi_llava.data.choices import choice_letter, option_lines
+from wsi_llava.data.manifest import ManifestError, Record, load_manifest, parse_choices, read_manifest
 
 HEADER = "h5_path,caption,question,answer,slide_id,dataset"
 
@@ -212,3 +205,22 @@ def test_image_path_beside_or_instead_of_h5(tmp_path):
                                                                     {"role": "assistant", "content": "A"}]}) + "\n")
     [rec] = load_manifest(sg)
     assert (rec.h5_path, rec.image_path, rec.slide_id) == ("", str(tmp_path / "roi" / "a.png"), "a")
+
+
+def test_write_manifest_csv_is_atomic_and_round_trips(tmp_path):
+    """Written through fileio.atomic_write_text: the file reads back as the same rows, and a failed write
+    (a row with a column the header lacks) leaves the previous file as it was and no temporary file."""
+    from wsi_llava.data.manifest_writer import MANIFEST_COLUMNS, write_manifest_csv
+
+    row = {"h5_path": "a.h5", "caption": "", "question": "Which?", "answer": "B", "slide_id": "s1", "dataset": "d",
+           "choices": '["x", "y"]', "split": "test", "case_id": "c1", "category": "cat"}
+    out = write_manifest_csv(tmp_path / "sub" / "m.csv", [row])
+    assert out == tmp_path / "sub" / "m.csv"
+    assert out.read_text(encoding="utf-8").splitlines()[0] == ",".join(MANIFEST_COLUMNS)
+    (rec,) = load_manifest(out)
+    assert (rec.question, rec.answer, rec.choices, rec.split, rec.case_id) == ("Which?", "B", ("x", "y"), "test", "c1")
+    before = out.read_bytes()
+    with pytest.raises(ValueError):
+        write_manifest_csv(out, [row, {**row, "extra": "?"}])
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.csv"]

@@ -1,20 +1,26 @@
-"""`wsi-llava study-selection`: the token-budget study (pieces, and the whole pipeline with --quick)."""
+"""experiments/selection_study.py: the token-budget study (pieces, the command line, and the whole pipeline
+with --quick). ``experiments/`` is on ``sys.path`` through conftest.py."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
+from selection_study import (QUICK, STRATEGIES, StudyConfig, add_arguments, closed_manifest, config_from_args,
+                             markdown_table, planted_lookup, pretrain_config, run_config, run_study, selection_recall,
+                             summarise, time_selectors)
+
+from wsi_llava.cli import COMMANDS
 from wsi_llava.config import config_from_dict
-from wsi_llava.eval.selection_study import (QUICK, STRATEGIES, StudyConfig, add_arguments, closed_manifest,
-                                            config_from_args, markdown_table, planted_lookup, pretrain_config,
-                                            run_config, run_study, selection_recall, summarise, time_selectors)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -91,6 +97,16 @@ def test_command_line_flags():
                           train_tower=True)
     with pytest.raises(SystemExit):
         parser.parse_args(["--out", "x", "--budgets", "8,a"])
+
+
+def test_runs_as_a_script_from_the_repository_root_not_as_a_wsi_llava_command():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "experiments/selection_study.py", "--help"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: python experiments/selection_study.py") and "--quick" in out
+    assert "--budgets" in out and "--pretrain-steps" in out
+    assert "study-selection" not in COMMANDS
+    assert not any("selection_study" in module for module, _ in COMMANDS.values())
 
 
 def test_timing_rows_cover_every_case():

@@ -31,7 +31,7 @@ FORBIDDEN = [
     re.compile(r"shared" r"""["']?\s*[/,]\s*["']?(?:reference|benchmarks)"""),  # its contents, also as path parts
     re.compile(r"DESIGN" r"\.md"),  # the design notes that live outside the repository
 ]
-SCANNED = ["src", "tests", "bench", "docs", "configs", ".ci", "README.md", "Makefile", "pyproject.toml"]
+SCANNED = ["src", "tests", "bench", "experiments", "docs", "configs", ".ci", "README.md", "Makefile", "pyproject.toml"]
 SKIPPED_DIRS = {"__pycache__", ".venv", ".pytest_cache"}
 BINARY = {".safetensors", ".png", ".jpg", ".h5", ".pt", ".pth", ".bin", ".pyc", ".gz", ".zip"}
 # No exception: the optional larger reference vectors are found only through $WSI_LLAVA_REFERENCE_DIR.

@@ -10,16 +10,10 @@ import h5py
 import numpy as np
 import pytest
 
-from wsi_llava.data import slides as S
-from wsi_llava.data.slides import (
-    Slide,
-    SlideError,
-    load_slide,
-    read_slide_meta,
-    sample_chunk_indices,
-    sample_indices,
-    scan_slide,
-)
+from wsi_llava.data import readers as R
+from wsi_llava.data.sampling import sample_chunk_indices, sample_indices
+from wsi_llava.data.scan import scan_slide
+from wsi_llava.data.slides import Slide, SlideError, load_slide, read_slide_meta
 
 
 def make_data(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +110,8 @@ def test_chunk_address_strategies(tmp_path, monkeypatch):
     feats, xy = make_data(2000, D)
     calls = {"direct": 0, "iter": 0}
     for name in calls:
-        orig = getattr(S, {"direct": "_read_chunk_direct", "iter": "_iter_chunk_table"}[name])
-        monkeypatch.setattr(S, orig.__name__, lambda *a, _o=orig, _n=name: calls.__setitem__(_n, calls[_n] + 1)
+        orig = getattr(R, {"direct": "_read_chunk_direct", "iter": "_iter_chunk_table"}[name])
+        monkeypatch.setattr(R, orig.__name__, lambda *a, _o=orig, _n=name: calls.__setitem__(_n, calls[_n] + 1)
                             or _o(*a))
     old = write_slide(tmp_path / "a.h5", feats, xy, fchunks=(1, D), cchunks=(1, 2), maxshape=True)
     for k in (50, 1500):
@@ -357,13 +351,13 @@ def test_wrong_parsed_chunk_addresses_are_caught_by_the_probe(tmp_path, monkeypa
     back to HDF5's own read: the result is still the right tiles."""
     feats, xy = make_data(640, D)
     path = write_slide(tmp_path / "s.h5", feats, xy, fchunks=(32, D), cchunks=(32, 2))
-    real = S.chunk_table
+    real = R.chunk_table
 
     def shifted(f, name, dset, fr):
         table = real(f, name, dset, fr)
         return None if table is None else np.roll(table, 1, axis=0)  # every chunk at its neighbour's address
 
-    monkeypatch.setattr(S, "chunk_table", shifted)
+    monkeypatch.setattr(R, "chunk_table", shifted)
     with pytest.warns(RuntimeWarning, match="disagreed with HDF5"):
         slide = load_slide(path, 100, np.random.default_rng(3))
     ref_f, ref_c = reference(feats, xy, sample_indices(640, 100, np.random.default_rng(3)))

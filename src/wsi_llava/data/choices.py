@@ -21,6 +21,9 @@ on an option that matches its own position is ignored):
 Anything else is an error (:class:`ChoiceError` with the reason): a letter past the last option,
 an answer that equals the text of two options (they read the same), a contradiction, or an answer
 that is neither a letter nor an option's text. Callers name the file and row.
+
+Also here: the option rules of a manifest row (:func:`options_tuple`: two to 26 non-empty option
+texts) and the option block of a prompt (:func:`option_lines`, ``A) …`` per line).
 """
 
 from __future__ import annotations
@@ -182,3 +185,35 @@ def parse_inline_options(text: str) -> tuple[str, list[str]] | None:
     if any(not o for o in options):
         return None
     return stem, options
+
+
+def option_lines(choices: Sequence[str]) -> str:
+    """``"A) first\\nB) second\\n…"`` — the option block shown in multiple-choice prompts."""
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} choices are supported, got {len(choices)}")
+    return "\n".join(f"{LETTERS[i]}) {str(c).strip()}" for i, c in enumerate(choices))
+
+
+def options_tuple(value) -> tuple[str, ...] | None:
+    """A manifest's list of options → a tuple of option texts (None for None or an empty list).
+
+    Raises ValueError saying why when it is not a list, an option is not text or is empty, there
+    are more options than letters, or only one.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list of option strings, got {type(value).__name__}")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ValueError(f"option {i} is {type(v).__name__}, expected text")
+        s = str(v).strip()
+        if not s:
+            raise ValueError(f"option {i} is empty")
+        out.append(s)
+    if len(out) > len(LETTERS):
+        raise ValueError(f"{len(out)} options; at most {len(LETTERS)} are supported")
+    if len(out) == 1:
+        raise ValueError("only one option; a multiple-choice row needs at least two")
+    return tuple(out) or None

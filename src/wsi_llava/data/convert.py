@@ -4,7 +4,7 @@
 already is float16; float64 input is narrowed to float32), the coordinate dataset is kept under its
 name, values and dtype but stored contiguously, and every other object and attribute is copied
 unchanged (soft and external links as links, never followed). Rows keep their order. The input gets
-the full check ``validate`` runs (:func:`~wsi_llava.data.slides.scan_slide`'s: layout, every chunk
+the full check ``validate`` runs (:func:`~wsi_llava.data.scan.scan_slide`'s: layout, every chunk
 present, every tile and coordinate; see docs/data.md): a file ``validate`` refuses is reported and not
 written, so a half-written input is never laundered into a complete-looking contiguous file.
 
@@ -24,15 +24,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .slides import (
-    FEATURES_KEY,
-    SlideError,
-    _corrupt_as_slide_error,
-    _datasets,
-    _iter_blocks,
-    describe_layout,
-    open_slide,
-)
+from .scan import iter_blocks
+from .slide_checks import FEATURES_KEY, corrupt_as_slide_error, describe_layout, slide_datasets
+from .slides import SlideError, open_slide
 
 
 @dataclass(frozen=True)
@@ -65,8 +59,8 @@ def convert_file(
     tmp = os.path.join(out_dir, f".{os.path.basename(dst)}.tmp{os.getpid()}")
     try:
         with open_slide(src) as fin:
-            with _corrupt_as_slide_error(src):
-                feats_ds, coords_ds, coords_key, _ = _datasets(fin, src, allow_float64=True)
+            with corrupt_as_slide_error(src):
+                feats_ds, coords_ds, coords_key, _ = slide_datasets(fin, src, allow_float64=True)
             n, d = feats_ds.shape
             out_dtype = np.float16 if (float16 or feats_ds.dtype == np.float16) else np.float32
             before = f"{describe_layout(feats_ds)} {feats_ds.dtype}"
@@ -82,7 +76,7 @@ def convert_file(
                     fo.attrs[key] = value
                 for key, value in coords_ds.attrs.items():
                     co.attrs[key] = value
-                for r0, feats, coords in _iter_blocks(src, feats_ds, coords_ds, coords_key, block_rows):
+                for r0, feats, coords in iter_blocks(src, feats_ds, coords_ds, coords_key, block_rows):
                     with np.errstate(over="ignore"):  # overflow is checked just below
                         block = feats.astype(out_dtype)
                     if out_dtype == np.float16 and not np.isfinite(block).all():

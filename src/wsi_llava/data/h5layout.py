@@ -1,12 +1,12 @@
 """Byte addresses of HDF5 dataset rows, and positioned reads of rows from a file.
 
-Two helpers behind the fast tile reader (:mod:`wsi_llava.data.slides`):
+Two helpers behind the fast tile reader (:mod:`wsi_llava.data.readers`):
 
 * :func:`chunk_table` — the file address of every chunk of a chunked dataset, read straight from the
   dataset's **version-1 B-tree** (the chunk index h5py and the HDF5 library write by default, so
-  every CLAM and TRIDENT file). HDF5's own per-chunk calls cost about 1 µs a chunk (``H5Dchunk_iter``
-  with its Python callback, or a full read of a small chunked dataset); reading the tree's nodes
-  directly costs about 10–15 µs per node of up to 64 chunks (one read each, parsed vectorised). Anything else (version-2 object headers, layout
+  every CLAM and TRIDENT file). HDF5's own walk pays per chunk (``H5Dchunk_iter`` with its Python
+  callback, or a full read of a small chunked dataset); reading the tree's nodes directly pays per node
+  of up to 64 chunks (one read each, parsed vectorised; figures in docs/data.md). Anything else (version-2 object headers, layout
   message ≠ 3, the newer chunk indexes of ``libver="latest"`` files, 4-byte addresses) returns
   ``None`` and the caller asks HDF5 instead. The parser trusts nothing: every node's signature,
   type, level and bounds are checked, and the leaves must tile the chunk grid exactly once with
@@ -64,14 +64,15 @@ _preadv = getattr(os, "preadv", _seek_and_read)
 class FileReader:
     """Positioned reads of fixed-size rows from one file: ``with FileReader(path) as fr: fr.gather(…)``.
 
-    Three ways, chosen by how densely the wanted rows lie (measured on 6 KB rows, 2-core machine):
+    Three ways, chosen by how densely the wanted rows lie (the measurements behind the choice:
+    docs/data.md, "How rows are fetched"):
 
     * sparse rows (less than one per 64 KiB, e.g. 2,048 of 50,000 tiles): ``os.preadv`` straight into
       the output array, one system call per run of adjacent rows. A memory map costs a page fault per
-      row there and was measured up to twice as slow (13 vs 6 ms) when the page cache had been filled
-      by random reads, as in training;
+      row there and was up to twice as slow when the page cache had been filled by random reads, as
+      in training;
     * denser rows (e.g. 2,048 of 4,096 tiles): one gather from a read-only memory map, where each
-      fault maps 64 KiB around it and so serves several rows (1.3–4.2 vs 3.6–4.7 ms with ``preadv``);
+      fault maps 64 KiB around it and so serves several rows (faster than ``preadv`` there);
     * small rows packed close (coordinates): one read of their whole span.
     """
 

@@ -8,7 +8,7 @@ FIFO that blocks the reader forever) or a *soft link*; chunked storage may be on
 early-allocated chunks and contiguous storage hold the fill value where nothing was ever written, and
 HDF5 records no difference; a tiny compressed file may declare gigabytes of decompressed chunks.
 
-:mod:`wsi_llava.data.slides` (``load_slide``, ``read_slide_meta``, ``scan_slide``; so training,
+:mod:`wsi_llava.data.slides` (``load_slide``, ``read_slide_meta``), :mod:`wsi_llava.data.scan` (``scan_slide``; so training,
 ``validate``, ``predict``, ``serve``, ``encode`` and ``convert-h5``) and the tower cache use these
 functions, and nothing else opens a slide file:
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from collections.abc import Callable
 
 import h5py
 import numpy as np
@@ -221,6 +222,16 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
 
 
+def _listed(names: Callable[[], list[str]], lead: str = "") -> str:
+    """`` (<lead>a, b, c, …)``: the first three of ``names()`` for an error message; "" when there are
+    none or they cannot be read (the message must not fail)."""
+    try:
+        shown = names()
+    except Exception:  # noqa: BLE001 - the message only
+        return ""
+    return f" ({lead}{', '.join(shown[:3])}{', …' if len(shown) > 3 else ''})" if shown else ""
+
+
 def check_storage(path: str, key: str, dset: h5py.Dataset, file_size: int, *, full: bool = False) -> None:
     """Refuse layouts whose bytes are not known to be written data of this file (see module doc).
 
@@ -233,21 +244,13 @@ def check_storage(path: str, key: str, dset: h5py.Dataset, file_size: int, *, fu
     except (OSError, RuntimeError, ValueError) as e:
         raise SlideError(f"{path}: cannot read the storage layout of `{key}` (corrupt file?): {e}") from None
     if layout == h5py.h5d.VIRTUAL:
-        try:
-            srcs = sorted({f"{m.file_name}:{m.dset_name}" for m in dset.virtual_sources()})
-        except Exception:  # noqa: BLE001 - the message only
-            srcs = []
-        shown = f" (mapped from {', '.join(srcs[:3])}{', …' if len(srcs) > 3 else ''})" if srcs else ""
+        shown = _listed(lambda: sorted({f"{m.file_name}:{m.dset_name}" for m in dset.virtual_sources()}), "mapped from ")
         raise SlideError(
             f"{path}: `{key}` is a virtual dataset{shown}; virtual datasets are refused (rows whose source "
             "is missing read as the fill value): store the data in this file"
         )
     if n_external > 0:
-        try:
-            names = [str(e[0]) for e in dset.external or []]
-        except Exception:  # noqa: BLE001 - the message only
-            names = []
-        shown = f" ({', '.join(repr(n) for n in names[:3])})" if names else ""
+        shown = _listed(lambda: [repr(str(e[0])) for e in dset.external or []])
         raise SlideError(
             f"{path}: `{key}` uses external raw storage{shown}; external storage is refused (any file's bytes "
             "would be read as tile data, and a short one as fill values): store the data in this file"
@@ -322,7 +325,7 @@ def check_feature_rows(path: str, key: str, feats: np.ndarray, rows: np.ndarray,
     no NaN/Inf, and no row that is all zeros or all the fill value ``fill`` (what never-written storage
     reads as; a feature extractor's output is never constant across all D values).
 
-    Fast path: one vectorised row sum (``einsum``'s plain float32 sum, ≈ 0.25 ms for 2,048 × 1,536).
+    Fast path: one vectorised row sum (``einsum``'s plain float32 sum; its cost: docs/data.md).
     A NaN or Inf makes its row's sum non-finite; an all-zero row sums to exactly 0 and an all-``fill``
     row to about D·fill, so only rows with such sums are looked at exactly.
     """

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..errors import MissingFileError
 from .choices import LETTERS, choice_letter, parse_inline_options
-from .manifest import write_manifest_csv
+from .manifest_writer import write_manifest_csv
 
 SKIPPED_COLUMNS = ("source", "item", "slide_id", "reason", "question")
 H5_SUFFIXES = (".h5", ".hdf5")

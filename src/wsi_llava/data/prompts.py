@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from ..errors import WsiLlavaError
 from .choices import ChoiceError, match_choice
-from .manifest import Record, option_lines
+from .choices import option_lines
+from .manifest import Record
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100

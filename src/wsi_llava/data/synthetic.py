@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import write_manifest_csv
+from .manifest_writer import write_manifest_csv
 
 DIAGNOSES = ("adenocarcinoma", "squamous cell carcinoma", "small cell carcinoma", "benign tissue")
 

@@ -45,7 +45,8 @@ from ..fileio import publishing
 from . import h5safety
 from .h5layout import FileReader
 from .h5safety import SlideError
-from .slides import Slide, read_slide_meta, sample_indices
+from .sampling import sample_indices
+from .slides import Slide, read_slide_meta
 from .tower_output import TowerOutput
 
 FORMAT_VERSION = 1

@@ -16,8 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .manifest import Problem, Record, option_lines, read_manifest_rows, record_problems
-from .slides import SlideError, load_slide, read_slide_meta, scan_slide
+from .choices import option_lines
+from .manifest import Problem, Record, read_manifest_rows
+from .records import record_problems
+from .scan import scan_slide
+from .slides import SlideError, load_slide, read_slide_meta
 
 __all__ = ["Problem", "item_key", "validate_records", "validate_manifests", "estimate_words", "add_arguments", "main"]
 

@@ -27,12 +27,8 @@ from ..data.subset import add_subset_arguments, select
 from ..precision import add_precision_arguments
 from .circular import circular_metrics, rotate_records
 from .judge import JudgeConfig
-from .metrics import (
-    EvalConfig,
-    EvalInputError,
-    evaluate_items_with_scores,
-    prepare_items,
-)
+from .metrics import EvalConfig, evaluate_items_with_scores
+from .rows import EvalInputError, prepare_items
 from .report import (
     baselines_summary,
     summary_table,
@@ -202,12 +198,6 @@ def score_file_with_scores(path: str, config: EvalConfig, data: str | None = Non
     return metrics, items, scores, rows
 
 
-def score_file(path: str, config: EvalConfig, data: str | None = None, split: str | None = None,
-               judge: JudgeConfig | None = None) -> dict:
-    """Score one predictions file (joined to ``data`` when given; LLM-judged when ``judge``) → metrics."""
-    return score_file_with_scores(path, config, data, split, judge)[0]
-
-
 def run(predictions: str, out: str, config: EvalConfig, *, data: str | None = None, split: str | None = None,
         compare: Mapping[str, str] | None = None, judge: JudgeConfig | None = None,
         categories: Sequence[str] | None = None, limit: int | None = None,
@@ -244,7 +234,7 @@ def run(predictions: str, out: str, config: EvalConfig, *, data: str | None = No
 def _fit_questions(paths: Sequence[str] | None, split: str | None):
     if not paths:
         return None
-    from .baselines import load_questions
+    from .questions import load_questions
 
     return load_questions(paths)[0]
 
@@ -253,7 +243,8 @@ def run_baselines(data: Sequence[str], out: str, config: EvalConfig, *, split: s
                   categories: Sequence[str] | None = None, limit: int | None = None,
                   fit_data: Sequence[str] | None = None) -> dict:
     """``--baselines-only``: blind baselines of question files (no model, no slides) → outputs."""
-    from .baselines import baseline_table, load_questions, public
+    from .baselines import baseline_table, public
+    from .questions import load_questions
 
     questions, provenance = load_questions(data, split)
     questions = select(questions, categories, limit, what="questions")

@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 
 from ..data.choices import LEADING_MARKER as _LEADING_MARKER
-from ..data.choices import LETTERS, normalize_text, option_texts, parse_inline_options  # noqa: F401 (re-exported)
+from ..data.choices import LETTERS, normalize_text, option_texts
 from ..data.choices import clean_text as _clean
 from ..data.choices import fold_text as _light
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import EvalConfig, Item, mean_with_ci, stable_seed
+from .metrics import EvalConfig
+from .rows import Item
+from .stats import mean_with_ci, stable_seed
 
 SYSTEM_PROMPT = (
     "You are an expert pathologist grading an AI assistant's answer about a whole-slide image against "
@@ -140,7 +142,8 @@ def judge_items(items: Sequence[Item], config: JudgeConfig, eval_config: EvalCon
     for j, name in enumerate(("precision", "relevance")):
         if len(values):
             rng = np.random.default_rng(stable_seed(eval_config.seed, "__judge__", name))
-            out[name], out[f"{name}_ci"] = mean_with_ci(values[:, j], eval_config, rng)
+            out[name], out[f"{name}_ci"] = mean_with_ci(values[:, j], bootstrap=eval_config.bootstrap,
+                                                         confidence=eval_config.confidence, rng=rng)
         else:
             out[name], out[f"{name}_ci"] = None, None
     return out

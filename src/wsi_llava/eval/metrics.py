@@ -1,20 +1,10 @@
 """Scores for prediction rows: closed-ended accuracy, BLEU-1…4, ROUGE-1/2/L, METEOR, bootstrap CIs.
 
-Input rows are the objects ``predict`` writes (one per JSONL line)::
-
-    {"key", "slide_id", "question", "reference", "prediction", "choices", "kind", "category",
-     "dataset", "row"}
-
-Row classes:
-
-* ``kind == "mc"``: closed; ``reference`` is the gold letter (or the option text), ``choices`` the
-  options (or, if null, parsed from ``A) … B) …`` in the question). Scored by
-  :func:`~wsi_llava.eval.extract.extract_choice`.
-* ``kind == "vqa"`` whose reference is exactly Yes/No (any case): closed yes/no, scored by
-  :func:`~wsi_llava.eval.extract.extract_yes_no`.
-* every other ``vqa`` row and every ``report`` row: open-ended, scored by n-gram metrics.
-
-Closed answers that cannot be parsed count as wrong and are listed under ``"unparsed"``.
+Rows are validated and classed by :mod:`wsi_llava.eval.rows` (``mc``, ``yes_no`` — a ``vqa`` row whose
+reference is exactly Yes/No —, or ``open``). Closed answers are read by
+:func:`~wsi_llava.eval.extract.extract_choice` / :func:`~wsi_llava.eval.extract.extract_yes_no`; those
+that cannot be parsed count as wrong and are listed under ``"unparsed"``. Open answers get the
+per-item scores of :mod:`wsi_llava.eval.text_metrics`; this module aggregates them.
 
 Metric definitions (all reported on a 0–1 scale):
 
@@ -26,8 +16,8 @@ Metric definitions (all reported on a 0–1 scale):
   stemming (``RougeScorer([...], use_stemmer=True)``; its tokenizer lowercases and drops punctuation).
 * ``meteor`` — mean over items of ``nltk.translate.meteor_score.meteor_score`` (alpha 0.9, beta 3,
   gamma 0.5) on lowercased word/punctuation tokens, with WordNet synonyms when WordNet is available
-  offline (see :func:`load_wordnet`); ``meteor_synonyms`` says whether it was.
-* CIs — percentile bootstrap (default 1000 resamples, 95 %) over items, seeded; corpus BLEU is
+  offline (see :func:`~wsi_llava.eval.wordnet.load_wordnet`); ``meteor_synonyms`` says whether it was.
+* CIs — percentile bootstrap (default 1000 resamples, 95 %) over items, seeded (:mod:`wsi_llava.eval.stats`); corpus BLEU is
   recomputed on each resample. Accuracies also get exact intervals (``*_wilson``,
   ``*_clopper_pearson``; :mod:`wsi_llava.eval.stats`).
 * ``binary_text_accuracy`` — open items whose question is yes/no (or "good or poor") and whose gold
@@ -40,24 +30,18 @@ Metric definitions (all reported on a 0–1 scale):
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import io
-import math
-import os
-import re
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data.choices import ChoiceError, match_choice
-from ..errors import WsiLlavaError
-from .extract import extract_choice, extract_yes_no, option_texts, parse_inline_options, yes_no_label
-from .stats import proportion_intervals
+from .extract import extract_choice, extract_yes_no
+from .rows import Item, prepare_items
+from .stats import mean_with_ci, percentile_interval, proportion_intervals, resample_counts, stable_seed
+from .text_metrics import (MAX_BLEU_ORDER, bleu_from_statistics, bleu_from_statistics_batch, bleu_statistics,
+                           meteor_scores, rouge_scores)
+from .wordnet import WordNet, load_wordnet
 
-KINDS = ("mc", "vqa", "report")
 HEADLINE = (
     "closed_accuracy", "mc_accuracy", "yes_no_accuracy",
     "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "meteor",
@@ -68,29 +52,6 @@ COUNT_OF = {
     **{m: "n_open" for m in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "meteor")},
 }
 MAX_BLEU_ORDER = 4
-
-
-class EvalInputError(WsiLlavaError, ValueError):
-    """A prediction row cannot be scored (the message names the source, line/row and field)."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One validated prediction row.
-
-    ``kind`` here is the scoring class: ``"mc"``, ``"yes_no"`` or ``"open"``.
-    """
-
-    key: str
-    row: int | None
-    slide_id: str
-    question: str
-    kind: str
-    prediction: str
-    reference: str
-    choices: tuple[str, ...] | None = None
-    category: str | None = None
-    dataset: str | None = None
 
 
 @dataclass
@@ -115,97 +76,6 @@ class EvalConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Input validation
-
-
-def _where(row: Mapping, index: int, source: str) -> str:
-    if "_line" in row:
-        return f"{source}, line {row['_line']}"
-    return f"{source}, item {index} (row {row.get('row')!r}, key {row.get('key')!r})"
-
-
-def _text_field(row: Mapping, name: str, where: str, *, required: bool = True) -> str:
-    value = row.get(name)
-    if value is None:
-        if required:
-            raise EvalInputError(f"{where}: field {name!r} is missing")
-        return ""
-    if not isinstance(value, str):
-        raise EvalInputError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _optional_label(row: Mapping, name: str) -> str | None:
-    value = row.get(name)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    value = str(value).strip()
-    return value or None
-
-
-def prepare_items(rows: Sequence[Mapping], source: str = "predictions") -> list[Item]:
-    """Validate prediction rows and classify each as ``mc``, ``yes_no`` or ``open``.
-
-    Raises :class:`EvalInputError` naming the source, line (or item) and field of the first bad row.
-    """
-    items = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise EvalInputError(f"{source}, item {i}: expected an object, got {type(row).__name__}")
-        where = _where(row, i, source)
-        kind = row.get("kind")
-        if kind not in KINDS:
-            raise EvalInputError(f"{where}: field 'kind' must be one of {list(KINDS)}, got {kind!r}")
-        prediction = _text_field(row, "prediction", where)
-        reference = _text_field(row, "reference", where)
-        question = _text_field(row, "question", where, required=False)
-        if not reference.strip():
-            raise EvalInputError(f"{where}: field 'reference' is empty")
-        choices = row.get("choices")
-        if choices is not None:
-            if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
-                raise EvalInputError(f"{where}: field 'choices' must be a list of strings or null")
-            choices = tuple(option_texts(choices))
-        if kind == "mc":
-            if not choices:
-                parsed = parse_inline_options(question)
-                if parsed is None:
-                    raise EvalInputError(
-                        f"{where}: field 'choices' is empty and the question has no inline 'A) … B) …' options"
-                    )
-                choices = tuple(parsed[1])
-            if len(choices) < 2:
-                raise EvalInputError(f"{where}: field 'choices' needs at least two options, got {list(choices)}")
-            try:
-                gold = match_choice(reference, choices)
-            except ChoiceError as e:
-                raise EvalInputError(
-                    f"{where}: field 'reference': {reference!r} gives no single option: {e} (options {list(choices)})"
-                ) from None
-            scoring, reference = "mc", gold
-        elif kind == "vqa" and yes_no_label(reference) is not None:
-            scoring, reference = "yes_no", yes_no_label(reference)
-        else:
-            scoring = "open"
-        key = row.get("key")
-        items.append(
-            Item(
-                key=str(key) if key is not None else f"item-{i}",
-                row=row.get("row") if isinstance(row.get("row"), int) else None,
-                slide_id=str(row.get("slide_id") or ""),
-                question=question,
-                kind=scoring,
-                prediction=prediction,
-                reference=reference,
-                choices=choices,
-                category=_optional_label(row, "category"),
-                dataset=_optional_label(row, "dataset"),
-            )
-        )
-    return items
-
-
-# --------------------------------------------------------------------------------------------------
 # Closed-ended
 
 
@@ -221,241 +91,6 @@ def closed_answer(item: Item) -> str | None:
             label = binary_label(item.question, item.prediction)
         return label if label in ("yes", "no") else None
     raise ValueError(f"item {item.key!r} is open-ended, not closed")
-
-
-# --------------------------------------------------------------------------------------------------
-# BLEU from sufficient statistics
-
-
-def bleu_statistics(
-    hypotheses: Sequence[str], references: Sequence[str], *, tokenize: str = "13a", lowercase: bool = False
-) -> np.ndarray:
-    """Per-item BLEU sufficient statistics ``[n, 2 + 2·4]``: sys_len, ref_len, correct_1..4, total_1..4.
-
-    Summed over any subset of items (with multiplicity), they give that subset's corpus BLEU exactly.
-    """
-    from sacrebleu.metrics import BLEU
-
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    scorer = BLEU(tokenize=tokenize, lowercase=lowercase, max_ngram_order=MAX_BLEU_ORDER, effective_order=True)
-    stats = np.zeros((len(hypotheses), 2 + 2 * MAX_BLEU_ORDER), dtype=np.int64)
-    for i, (hyp, ref) in enumerate(zip(hypotheses, references)):
-        s = scorer.sentence_score(hyp, [ref])
-        stats[i, 0], stats[i, 1] = s.sys_len, s.ref_len
-        stats[i, 2:2 + MAX_BLEU_ORDER] = s.counts
-        stats[i, 2 + MAX_BLEU_ORDER:] = s.totals
-    return stats
-
-
-def bleu_from_statistics(summed: np.ndarray, order: int) -> float:
-    """Corpus BLEU-``order`` (0–1) from summed statistics (sacrebleu's ``exp`` smoothing)."""
-    from sacrebleu.metrics import BLEU
-
-    correct = [int(x) for x in summed[2:2 + order]]
-    total = [int(x) for x in summed[2 + MAX_BLEU_ORDER:2 + MAX_BLEU_ORDER + order]]
-    score = BLEU.compute_bleu(
-        correct, total, int(summed[0]), int(summed[1]), smooth_method="exp", max_ngram_order=order
-    )
-    return score.score / 100.0
-
-
-# --------------------------------------------------------------------------------------------------
-# ROUGE and METEOR
-
-
-def rouge_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-item ROUGE-1/2/L F-measures (rouge-score, Porter stemming): ``{"rouge_1": [n], …}``."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    out = {name: np.zeros(len(hypotheses)) for name in ("rouge_1", "rouge_2", "rouge_l")}
-    for i, (hyp, ref) in enumerate(zip(hypotheses, references)):
-        s = scorer.score(ref, hyp)  # (target, prediction)
-        out["rouge_1"][i] = s["rouge1"].fmeasure
-        out["rouge_2"][i] = s["rouge2"].fmeasure
-        out["rouge_l"][i] = s["rougeL"].fmeasure
-    return out
-
-
-_TOKEN = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
-
-
-def meteor_tokens(text: str) -> list[str]:
-    """Lowercased word / punctuation tokens (METEOR needs pre-tokenised text; no punkt download)."""
-    return _TOKEN.findall(text.lower())
-
-
-#: The 45 WordNet 3.0 lexicographer file names (``lexnames`` of the Princeton database, see
-#: lexnames(5WN)); Debian's ``wordnet-base`` does not ship that small file, nltk's reader needs it.
-LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
-    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
-    "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
-    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
-    "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
-    "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
-).split()
-_POS_NUMBER = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
-#: Where Debian/Ubuntu's ``wordnet-base`` package puts the WordNet 3.0 database.
-SYSTEM_WORDNET_DIRS = ("/usr/share/wordnet",)
-WORDNET_ENV = "WSI_LLAVA_WORDNET_DIR"
-_WORDNET_FILES = ("data.noun", "index.noun", "data.verb", "index.verb", "data.adj", "data.adv", "noun.exc")
-
-
-class _NoSynonyms:
-    """Stands in for WordNet when it is unavailable: METEOR then matches exact words and stems only."""
-
-    def synsets(self, word, *args, **kwargs):
-        return []
-
-
-@dataclass(frozen=True)
-class WordNet:
-    """A WordNet reader for METEOR and where it came from."""
-
-    reader: object
-    """Object with ``synsets(word)`` (an nltk WordNetCorpusReader, or a no-synonym stand-in)."""
-    available: bool
-    """True when synonyms are used."""
-    source: str
-    """Human-readable origin (directory, or why none was found)."""
-
-
-def _princeton_reader(directory: str):
-    """nltk's WordNet reader over a plain Princeton WordNet 3.0 directory (e.g. Debian's wordnet-base)."""
-    import nltk
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
-
-    class PrincetonDirWordNet(WordNetCorpusReader):
-        """Reads a Princeton database directory: supplies ``lexnames`` when absent, and skips nltk's
-        mapping to its own "wordnet" corpus (this directory *is* WordNet 3.0; nothing to map)."""
-
-        def open(self, file):
-            if file == "lexnames" and not os.path.exists(os.path.join(directory, "lexnames")):
-                lines = [f"{i:02d}\t{name}\t{_POS_NUMBER[name.split('.')[0]]}\n" for i, name in enumerate(LEXNAMES)]
-                return io.StringIO("".join(lines))
-            return super().open(file)
-
-        def map_wn(self, version="wordnet"):
-            return None
-
-    real = os.path.realpath(directory)
-    if real not in nltk.data.path:
-        nltk.data.path.append(real)  # nltk only reads corpora under its data path
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "multilingual functions are not available" (no OMW; not needed)
-        return PrincetonDirWordNet(real, None)
-
-
-@functools.lru_cache(maxsize=None)
-def load_wordnet(directory: str | None = None) -> WordNet:
-    """Find WordNet offline (never downloads). Order:
-
-    1. ``directory`` or ``$WSI_LLAVA_WORDNET_DIR`` (a Princeton WordNet 3.0 database directory);
-       given but unusable → ``FileNotFoundError``;
-    2. nltk's own ``corpora/wordnet`` if it is already on ``nltk.data.path``;
-    3. ``/usr/share/wordnet`` (Debian/Ubuntu: ``apt-get install wordnet-base``).
-
-    None found → a stand-in without synonyms (``available=False``).
-    """
-    explicit = directory or os.environ.get(WORDNET_ENV)
-    if explicit:
-        missing = [f for f in _WORDNET_FILES if not os.path.exists(os.path.join(explicit, f))]
-        if missing:
-            raise FileNotFoundError(f"WordNet directory {explicit}: missing {missing}")
-        return WordNet(_princeton_reader(explicit), True, f"{os.path.realpath(explicit)} (WordNet 3.0)")
-    try:
-        import nltk
-
-        nltk.data.find("corpora/wordnet")
-        from nltk.corpus import wordnet
-
-        wordnet.ensure_loaded()
-        return WordNet(wordnet, True, "nltk_data corpora/wordnet")
-    except LookupError:
-        pass
-    for candidate in SYSTEM_WORDNET_DIRS:
-        if all(os.path.exists(os.path.join(candidate, f)) for f in _WORDNET_FILES):
-            return WordNet(_princeton_reader(candidate), True, f"{candidate} (WordNet 3.0, Debian wordnet-base)")
-    return WordNet(
-        _NoSynonyms(), False,
-        "none found (install Debian 'wordnet-base' or set WSI_LLAVA_WORDNET_DIR); METEOR without synonyms",
-    )
-
-
-def meteor_scores(hypotheses: Sequence[str], references: Sequence[str], wordnet: WordNet | None = None) -> np.ndarray:
-    """Per-item METEOR (nltk) on :func:`meteor_tokens`; synonyms from ``wordnet`` (default: :func:`load_wordnet`)."""
-    from nltk.translate.meteor_score import meteor_score
-
-    wn = wordnet or load_wordnet()
-    return np.array(
-        [
-            meteor_score([meteor_tokens(ref)], meteor_tokens(hyp), wordnet=wn.reader)
-            for hyp, ref in zip(hypotheses, references)
-        ],
-        dtype=np.float64,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Bootstrap
-
-
-def stable_seed(*parts: object) -> int:
-    """A 32-bit integer from strings/ints (md5; never Python's salted ``hash()``)."""
-    digest = hashlib.md5("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
-def resample_counts(n: int, bootstrap: int, rng: np.random.Generator, block: int = 256) -> Iterator[np.ndarray]:
-    """Bootstrap resamples of ``n`` items as multiplicity counts, in blocks ``[b, n]`` (rows sum to n)."""
-    for start in range(0, bootstrap, block):
-        b = min(block, bootstrap - start)
-        idx = rng.integers(0, n, size=(b, n))
-        flat = (idx + (np.arange(b) * n)[:, None]).ravel()
-        yield np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
-
-
-def percentile_interval(values: np.ndarray, confidence: float) -> list[float]:
-    """The percentile interval ``[lo, hi]`` of bootstrap values."""
-    tail = (1.0 - confidence) / 2.0 * 100.0
-    lo, hi = np.percentile(values, [tail, 100.0 - tail])
-    return [float(lo), float(hi)]
-
-
-def mean_with_ci(values: np.ndarray, config: EvalConfig, rng: np.random.Generator) -> tuple[float, list[float] | None]:
-    """Mean of per-item values and its percentile-bootstrap interval (None when bootstrap is 0)."""
-    n = len(values)
-    point = float(values.mean())
-    if config.bootstrap <= 0:
-        return point, None
-    boots = np.concatenate([w @ values / n for w in resample_counts(n, config.bootstrap, rng)])
-    return point, percentile_interval(boots, config.confidence)
-
-
-def bleu_from_statistics_batch(summed: np.ndarray, order: int) -> np.ndarray:
-    """Vectorised :func:`bleu_from_statistics` over rows of ``summed`` ``[b, 10]`` → ``[b]`` (0–1).
-
-    Same arithmetic as sacrebleu's ``compute_bleu`` with ``exp`` smoothing: an order with no match
-    gets precision ``1 / (2^z · total)`` (z = zero-match orders so far); an order with no n-grams at
-    all, or no match at any order, gives 0.
-    """
-    summed = np.asarray(summed, dtype=np.float64)
-    sys_len, ref_len = summed[:, 0], summed[:, 1]
-    correct = summed[:, 2:2 + order]
-    total = summed[:, 2 + MAX_BLEU_ORDER:2 + MAX_BLEU_ORDER + order]
-    zero = correct == 0
-    halvings = np.cumsum(zero, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        prec = np.where(zero, 1.0 / (np.power(2.0, halvings) * total), correct / total)
-        log_mean = np.log(prec).mean(axis=1)
-        bp = np.where(sys_len >= ref_len, 1.0, np.exp(1.0 - ref_len / sys_len))
-        bp = np.where(sys_len > 0, bp, 0.0)
-        score = bp * np.exp(log_mean)
-    dead = (total == 0).any(axis=1) | ~(correct > 0).any(axis=1)
-    return np.where(dead, 0.0, score)
-
 
 def _bleu_with_ci(stats: np.ndarray, config: EvalConfig, rng: np.random.Generator) -> dict[str, object]:
     out: dict[str, object] = {}
@@ -544,7 +179,8 @@ def summarise(
         sel = idx[mask]
         out[COUNT_OF[name]] = int(len(sel))
         if len(sel):
-            out[name], out[f"{name}_ci"] = mean_with_ci(scores.correct[sel], config, rng(name))
+            out[name], out[f"{name}_ci"] = mean_with_ci(scores.correct[sel], bootstrap=config.bootstrap,
+                                                           confidence=config.confidence, rng=rng(name))
             exact = proportion_intervals(scores.correct[sel], config.confidence)
             out[f"{name}_wilson"], out[f"{name}_clopper_pearson"] = exact["wilson"], exact["clopper_pearson"]
         else:
@@ -559,7 +195,8 @@ def summarise(
     if len(open_sel):
         out.update(_bleu_with_ci(scores.bleu_stats[open_sel], config, rng("bleu")))
         for name in ("rouge_1", "rouge_2", "rouge_l", "meteor"):
-            out[name], out[f"{name}_ci"] = mean_with_ci(scores.open_scores[name][open_sel], config, rng(name))
+            out[name], out[f"{name}_ci"] = mean_with_ci(scores.open_scores[name][open_sel], bootstrap=config.bootstrap,
+                                                       confidence=config.confidence, rng=rng(name))
     else:
         for name in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "meteor"):
             out[name], out[f"{name}_ci"] = None, None

@@ -18,8 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .metrics import MAX_BLEU_ORDER, EvalConfig, Item, ItemScores, bleu_from_statistics_batch, stable_seed
-from .stats import mcnemar_exact, paired_bootstrap
+from .metrics import EvalConfig, ItemScores
+from .rows import Item
+from .stats import mcnemar_exact, paired_bootstrap, stable_seed
+from .text_metrics import MAX_BLEU_ORDER, bleu_from_statistics_batch
 
 OPEN_METRICS = ("rouge_1", "rouge_2", "rouge_l", "meteor")
 

@@ -1,4 +1,9 @@
-"""Intervals and paired tests for evaluation numbers.
+"""Intervals, the bootstrap and paired tests for evaluation numbers.
+
+* :func:`resample_counts` — the one item bootstrap: resamples of n items as multiplicity counts, so a
+  statistic of a resample is a weighted sum (``w @ values``); :func:`percentile_interval` turns the
+  resampled values into an interval, :func:`mean_with_ci` does both for a mean, and
+  :func:`stable_seed` seeds each resampled quantity from its name (reproducible, never ``hash()``).
 
 * :func:`wilson_interval` — Wilson score interval for a proportion k/n (closed form).
 * :func:`clopper_pearson_interval` — the exact (conservative) binomial interval, from the beta
@@ -12,15 +17,16 @@
   items, with a percentile interval from resampling *items* (both systems resampled together), and a
   two-sided bootstrap p-value ``min(1, 2·min(P*(Δ ≤ 0), P*(Δ ≥ 0)))``.
 
-The bootstrap interval (``metrics.mean_with_ci``) is kept beside the exact ones: for accuracies the
+The bootstrap interval (:func:`mean_with_ci`) is kept beside the exact ones: for accuracies the
 two agree closely except near 0 or 1 and for small n, where the percentile bootstrap is too narrow
 (it is degenerate at k = 0) and Wilson / Clopper–Pearson are not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from statistics import NormalDist
 
@@ -80,6 +86,40 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, float(Fraction(2 * tail, 2 ** n)))
 
 
+def stable_seed(*parts: object) -> int:
+    """A 32-bit integer from strings/ints (md5; never Python's salted ``hash()``)."""
+    digest = hashlib.md5("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def resample_counts(n: int, bootstrap: int, rng: np.random.Generator, block: int = 256) -> Iterator[np.ndarray]:
+    """Bootstrap resamples of ``n`` items as multiplicity counts, in blocks ``[b, n]`` (rows sum to n)."""
+    for start in range(0, bootstrap, block):
+        b = min(block, bootstrap - start)
+        idx = rng.integers(0, n, size=(b, n))
+        flat = (idx + (np.arange(b) * n)[:, None]).ravel()
+        yield np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def percentile_interval(values: np.ndarray, confidence: float) -> list[float]:
+    """The percentile interval ``[lo, hi]`` of bootstrap values."""
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    lo, hi = np.percentile(values, [tail, 100.0 - tail])
+    return [float(lo), float(hi)]
+
+
+def mean_with_ci(
+    values: np.ndarray, *, bootstrap: int, confidence: float, rng: np.random.Generator
+) -> tuple[float, list[float] | None]:
+    """Mean of per-item values ``[n]`` and its percentile-bootstrap interval (None when ``bootstrap`` is 0)."""
+    n = len(values)
+    point = float(values.mean())
+    if bootstrap <= 0:
+        return point, None
+    boots = np.concatenate([w @ values / n for w in resample_counts(n, bootstrap, rng)])
+    return point, percentile_interval(boots, confidence)
+
+
 def paired_bootstrap(
     a: np.ndarray,
     b: np.ndarray,
@@ -96,8 +136,6 @@ def paired_bootstrap(
     ``statistic`` the statistic is the mean. Returns ``{"diff", "ci", "p_value", "n"}`` (ci and
     p_value None when ``bootstrap`` is 0).
     """
-    from .metrics import percentile_interval, resample_counts
-
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from ..data.manifest import Record
+from ..data.slide_checks import COORD_KEYS
 from ..data.slides import (
-    COORD_KEYS,
     SlideError,
     load_slide,
     open_slide,

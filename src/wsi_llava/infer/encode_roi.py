@@ -23,7 +23,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..data.manifest import MANIFEST_COLUMNS, Record, load_manifest, write_manifest_csv
+from ..data.manifest import Record, load_manifest
+from ..data.manifest_writer import MANIFEST_COLUMNS, write_manifest_csv
 from ..errors import MissingFileError, WsiLlavaError
 from ..fileio import sha256_file
 

@@ -83,7 +83,8 @@ def read_patch_size(path: str | Path) -> int:
     ``patch_size``, multiplied by the ``downsample`` of ``patch_level`` when the coordinates carry
     CLAM's ``patch_level`` > 0; else 256.
     """
-    from ..data.slides import COORD_KEYS, open_slide, slide_dataset
+    from ..data.slide_checks import COORD_KEYS
+    from ..data.slides import open_slide, slide_dataset
 
     with open_slide(path) as f:  # checked: a regular file; links resolved inside the file only
         coords = next((d for k, _ in COORD_KEYS if (d := slide_dataset(f, k)) is not None), None)

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..data.manifest import Record, choice_letter, load_manifest
+from ..data.choices import choice_letter
+from ..data.manifest import Record, load_manifest
 from ..data.prompts import record_turn
 from ..data.slides import SlideError
 from ..data.subset import add_subset_arguments, select

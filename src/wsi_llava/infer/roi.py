@@ -11,7 +11,7 @@ extractors do). ``tile_size`` is the encoder's resize scale (256 for GigaPath: 2
 crop 224, as its pipeline does; 224 for UNI), so tiles are never resampled. An image smaller than
 one tile in either dimension becomes one tile through the encoder's full preprocessing (resize +
 crop). With ``patches_per_wsi`` the tiles kept are those ``load_slide`` keeps in evaluation
-(:func:`~wsi_llava.data.slides.sample_indices` without a generator), and only they are encoded.
+(:func:`~wsi_llava.data.sampling.sample_indices` without a generator), and only they are encoded.
 
 :func:`write_roi_h5` writes the features as a slide H5 file (``features`` float32, ``coords`` (x, y)),
 which is what ``wsi-llava encode-roi`` (:mod:`.encode_roi`) writes so training reads features instead of
@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.manifest import ROI_SUFFIXES  # noqa: F401 (re-exported)
-from ..data.slides import Slide, sample_indices
+from ..data.records import ROI_SUFFIXES  # noqa: F401 (re-exported)
+from ..data.sampling import sample_indices
+from ..data.slides import Slide
 from ..errors import MissingFileError, WsiLlavaError
 from ..model.tile_encoder import TileEncoder, load_tile_encoder
 

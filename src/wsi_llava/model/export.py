@@ -1,5 +1,5 @@
-"""`wsi-llava export-tower CHECKPOINT --out tower.safetensors`: the slide encoder of a trained model
-as a file with the original GigaPath key names.
+"""The slide encoder of a trained model as a file with the original GigaPath key names (the
+``wsi-llava export-tower`` command: :mod:`wsi_llava.model.export_cli`).
 
 CHECKPOINT is a stage-1 output folder or one of its ``checkpoint-N`` folders (keys ``slide_tower.*``),
 a WSI-LLaVA folder from stage 2/3 (``vision_tower.*``), or a weights file (``.safetensors``,
@@ -15,7 +15,6 @@ like the published ``slide_encoder.pth``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import fields
@@ -165,33 +164,3 @@ def export_tower(checkpoint: str | os.PathLike, out: str | os.PathLike, **overri
         if not torch.equal(a, b):  # pragma: no cover - a broken file system
             raise RuntimeError(f"{out}: tensor {k} differs after writing")
     return encoder
-
-
-def stage2_snippet(path: str | os.PathLike, config: SlideEncoderConfig) -> str:
-    """The stage-2 YAML lines that use an exported tower (``vision_config`` lists the non-default
-    architecture fields; ``in_dim`` is set from the tile features)."""
-    default = SlideEncoderConfig().to_dict()
-    changed = {k: v for k, v in config.to_dict().items() if v != default[k] and k != "in_dim"}
-    lines = ["vision_mode: wsi", f"vision_tower: {path}"]
-    if changed:
-        lines.append("vision_config: " + json.dumps(changed))
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="stage-1 output or checkpoint-N folder, a WSI-LLaVA folder, or a weights file")
-    parser.add_argument("--out", required=True, help="file to write: tower.safetensors (or .pth)")
-    parser.add_argument("--vision-config", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="SlideEncoderConfig fields when the checkpoint does not store them (e.g. num_heads=16)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from ..config import parse_overrides
-
-    encoder = export_tower(args.checkpoint, args.out, **parse_overrides(args.vision_config))
-    n = len(encoder.state_dict())
-    c = encoder.config
-    print(f"wrote {args.out}: {n} tensors, GigaPath key names (depth {c.depth}, width {c.embed_dim}, "
-          f"tile features {c.in_dim}); checked with load_slide_encoder")
-    print("use it in stage 2 with:\n" + stage2_snippet(args.out, c))
-    return 0

@@ -1,4 +1,7 @@
-"""`wsi-llava study-selection --out DIR`: the token-budget study of the selectors.
+"""`python experiments/selection_study.py --out DIR`: the token-budget study of the selectors.
+
+An experiment built on the package (run from the repository root with ``wsi_llava`` installed; not a
+``wsi-llava`` command). ``--help`` lists the sizes; ``--quick`` runs the whole pipeline in seconds.
 
 On a synthetic cohort whose diagnosis sits in a small, spatially clustered fraction of tiles
 (``data/synthetic.py``; every H5 marks those tiles in ``planted``):
@@ -29,6 +32,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,7 +50,7 @@ SELECT_OPTIONS = {"prompt_topk": {"similarity_weighting": True}}
 
 @dataclass
 class StudyConfig:
-    """Sizes of one budget study. Defaults: about 12 minutes on one CPU thread (shared 2-core machine)."""
+    """Sizes of one budget study (the defaults take minutes on one CPU thread; docs/selection.md has a measured run)."""
 
     strategies: tuple[str, ...] = STRATEGIES
     """Selectors to compare (keys of ``SELECTORS``)."""
@@ -102,7 +106,7 @@ class StudyConfig:
     patches_per_wsi: int = 1024
     """Tiles read per slide."""
     threads: int = 1
-    """torch threads. One is fastest on a shared 2-core machine (more threads oversubscribe it)."""
+    """torch threads (one by default: more oversubscribe a shared machine)."""
     timing_sizes: tuple[int, ...] = (2048, 20000)
     """Tile counts N for the selection-time table."""
     timing_dim: int = 768
@@ -130,7 +134,8 @@ def planted_lookup(path: str | Path) -> dict[tuple[float, float], bool]:
 
     Raises ``ValueError`` naming the file when it has no ``planted`` dataset or its length differs
     from the coordinates'."""
-    from ..data.slides import COORD_KEYS, open_slide, slide_dataset
+    from wsi_llava.data.slide_checks import COORD_KEYS
+    from wsi_llava.data.slides import open_slide, slide_dataset
 
     with open_slide(path) as f:  # checked: a regular file; links resolved inside the file only
         planted_ds = slide_dataset(f, "planted")
@@ -221,7 +226,7 @@ def closed_manifest(src: Path, dest: Path) -> Path:
     """Copy a manifest CSV keeping only the closed-question rows (no report/caption rows)."""
     import csv
 
-    from ..data.manifest import write_manifest_csv
+    from wsi_llava.data.manifest_writer import write_manifest_csv
 
     with open(src, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -232,9 +237,9 @@ def closed_manifest(src: Path, dest: Path) -> Path:
 
 def evaluate_run(model_dir: Path, records: list, planted: dict[str, dict], out: Path) -> dict:
     """Closed-question accuracy and planted-tile recall of a trained model on ``records``."""
-    from ..infer.engine import GenerationSettings, SlideAssistant
-    from ..infer.predict import predict
-    from .metrics import evaluate_predictions
+    from wsi_llava.infer.engine import GenerationSettings, SlideAssistant
+    from wsi_llava.infer.predict import predict
+    from wsi_llava.eval.metrics import evaluate_predictions
 
     assistant = SlideAssistant.from_pretrained(model_dir)
     out.unlink(missing_ok=True)
@@ -260,8 +265,8 @@ def attention_on_planted(model_dir: Path, records: list, planted: dict[str, dict
     the tiles; returned as their means over slides (equal when attention ignores the planted tiles)."""
     import torch
 
-    from ..data.slides import load_slide
-    from ..model.wsi_llava import load_wsi_llava
+    from wsi_llava.data.slides import load_slide
+    from wsi_llava.model.wsi_llava import load_wsi_llava
 
     model, _ = load_wsi_llava(model_dir)
     tower = model.vision_tower
@@ -293,7 +298,7 @@ def time_selectors(strategies: tuple[str, ...], sizes: tuple[int, ...], budgets:
     """
     import torch
 
-    from ..model.select import SELECTORS, SelectOptions
+    from wsi_llava.model.select import SELECTORS, SelectOptions
 
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -456,13 +461,13 @@ def run_study(out: str | Path, cfg: StudyConfig | None = None) -> dict:
     """Run the whole study into ``out``; returns what ``results.json`` holds."""
     import torch
 
-    from ..config import config_from_dict
-    from ..data.manifest import load_manifest
-    from ..data.synthetic import SynthConfig, make_cohort
-    from ..model.select import SELECTORS
-    from ..tiny import TinyLMConfig, build_tiny_llm, build_tiny_text_encoder
-    from ..train.contrastive import run_contrastive
-    from ..train.run import run_sft
+    from wsi_llava.config import config_from_dict
+    from wsi_llava.data.manifest import load_manifest
+    from wsi_llava.data.synthetic import SynthConfig, make_cohort
+    from wsi_llava.model.select import SELECTORS
+    from wsi_llava.tiny import TinyLMConfig, build_tiny_llm, build_tiny_text_encoder
+    from wsi_llava.train.contrastive import run_contrastive
+    from wsi_llava.train.run import run_sft
 
     cfg = cfg or StudyConfig()
     unknown = [s for s in cfg.strategies if s not in SELECTORS]
@@ -613,7 +618,15 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     return replace(cfg, **changes)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (``argv``; default ``sys.argv[1:]``) and run the study."""
+    parser = argparse.ArgumentParser(prog="python experiments/selection_study.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_study(args.out, config_from_args(args))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
