@@ -20,6 +20,7 @@ from wsi_llava.serve.app import create_app
 
 from serve_helpers import JSON, MODEL, one_thread, openai_error, running, serve_config, tiny_serving_cached
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The shared tiny model with a private copy of its slides (these tests add files to the root)."""

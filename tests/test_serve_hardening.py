@@ -29,6 +29,7 @@ from serve_helpers import JSON, MODEL, openai_error, running, serve_config, tiny
 
 pytestmark = pytest.mark.timeout(240)
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The shared tiny model with a private copy of its slides plus ``slow.h5`` (a copy of the first)."""
@@ -66,7 +67,7 @@ def test_a_lone_surrogate_is_a_400_not_a_500(server, tiny, caplog):
     openai_error(httpx.post(server + "/v1/chat/completions", content=key, headers=JSON), 400, "invalid_unicode")
     slide = json.dumps(_body(tiny, slide="SYN\udc80"))
     assert openai_error(httpx.post(server + "/v1/chat/completions", content=slide, headers=JSON), 400,
-                  "invalid_unicode")["param"] == "slide"
+                        "invalid_unicode")["param"] == "slide"
     # a proper surrogate pair is an ordinary character
     ok = httpx.post(server + "/v1/chat/completions", content=json.dumps(_body(tiny, "what is \U0001F52C?")),
                     headers=JSON, timeout=60)
@@ -122,7 +123,8 @@ def test_without_a_key_host_and_content_type_are_checked(server, tiny):
     for path in ("/health", "/v1/models", "/", "/v1/slides"):
         err = openai_error(httpx.get(server + path, headers={"Host": "attacker.example"}), 403, "host_not_allowed")
         assert "attacker.example" in err["message"]
-    openai_error(httpx.get(server + "/health", headers={"Host": f"rebind.attacker.example:{port}"}), 403, "host_not_allowed")
+    openai_error(httpx.get(server + "/health", headers={"Host": f"rebind.attacker.example:{port}"}), 403,
+                 "host_not_allowed")
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
         assert httpx.get(server + "/health", headers={"Host": host}).status_code == 200, host
     # what a cross-origin page can send without a preflight: text/plain, a form, multipart; and no type at all
@@ -130,7 +132,7 @@ def test_without_a_key_host_and_content_type_are_checked(server, tiny):
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
         headers = {"Content-Type": ctype} if ctype else {}
         openai_error(httpx.post(server + "/v1/chat/completions", content=body, headers=headers), 415,
-               "unsupported_media_type")
+                     "unsupported_media_type")
     ok = httpx.post(server + "/v1/chat/completions", content=body,
                     headers={"Content-Type": "application/json; charset=utf-8"}, timeout=60)
     assert ok.status_code == 200, ok.text

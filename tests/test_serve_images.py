@@ -141,8 +141,8 @@ def test_image_problems_are_clear_400s(server, setup):
     err = openai_error(_post(url, mixed, slide="SYN-0000-0000"), 400, "invalid_value")
     assert err["param"] == param
     # image parts belong in user messages
-    err = openai_error(_post(url, [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
-                             {"role": "user", "content": "hi"}]), 400, "invalid_value")
+    system = {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}
+    err = openai_error(_post(url, [system, {"role": "user", "content": "hi"}]), 400, "invalid_value")
     assert err["param"] == "messages[0].content[0].type"
 
 
