@@ -28,8 +28,9 @@ import httpx
 from wsi_llava.infer.engine import SlideAssistant
 from wsi_llava.serve.app import create_app
 from wsi_llava.serve.config import ServeConfig
-from wsi_llava.serve.live import running
-from wsi_llava.serve.tiny import tiny_serving_cached
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serve_helpers import running, tiny_serving_cached  # noqa: E402 (the tests' helpers)
 
 QUESTIONS = ("What is the diagnosis?", "Describe this slide.", "Is there a tumor?",
              "Which of the features seen here support a malignant diagnosis, and how confident are you?")

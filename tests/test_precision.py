@@ -72,7 +72,7 @@ def test_inference_commands_run_in_forced_bf16_and_default_to_fp32(tmp_path, tin
 
     from wsi_llava import cli
     from wsi_llava.infer.engine import SlideAssistant
-    from wsi_llava.serve.tiny import tiny_serving_cached
+    from serve_helpers import tiny_serving_cached
 
     tiny = tiny_serving_cached(tmp_path / "serve_tiny")
     slide = str(tiny.slides_root / f"{tiny.slide_ids[0]}.h5")
@@ -96,9 +96,9 @@ def test_inference_commands_run_in_forced_bf16_and_default_to_fp32(tmp_path, tin
 
 
 def test_serve_config_carries_the_precision(tmp_path):
-    from wsi_llava.serve.app import SlideServer
+    from wsi_llava.serve.server import SlideServer
     from wsi_llava.serve.config import ServeConfig
-    from wsi_llava.serve.tiny import tiny_serving_cached
+    from serve_helpers import tiny_serving_cached
 
     tiny = tiny_serving_cached(tmp_path / "serve_tiny")
     server = SlideServer(ServeConfig(model=str(tiny.model_dir), slides_root=str(tiny.slides_root), precision="bf16",

@@ -19,7 +19,7 @@ TINY_VIT = dict(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from wsi_llava.serve.tiny import tiny_serving_cached
+    from serve_helpers import tiny_serving_cached
 
     return tiny_serving_cached(tmp_path_factory.mktemp("tiny_serving"))
 

@@ -9,22 +9,16 @@ import dataclasses
 import json
 import os
 import shutil
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import torch
 from openai import OpenAI
 
 from wsi_llava.infer.engine import GenerationSettings, SlideAssistant
 from wsi_llava.serve.app import create_app
-from wsi_llava.serve.config import ServeConfig
-from wsi_llava.serve.live import running
-from wsi_llava.serve.tiny import tiny_serving_cached
 
-MODEL = "tiny"
-JSON = {"Content-Type": "application/json"}
+from serve_helpers import JSON, MODEL, one_thread, openai_error, running, serve_config, tiny_serving_cached
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +35,9 @@ def assistant(tiny):
     return SlideAssistant.from_pretrained(tiny.model_dir)
 
 
-def _config(tiny, **kw) -> ServeConfig:
-    base = dict(model=str(tiny.model_dir), slides_root=str(tiny.slides_root), model_name=MODEL, torch_threads=1,
-                max_tokens_limit=64, default_max_tokens=32, max_body_bytes=20_000)
-    base.update(kw)
-    return ServeConfig(**base)
-
-
 @pytest.fixture(scope="module")
 def server(tiny, assistant):
-    app = create_app(_config(tiny, max_batch=4, queue_size=32), assistant)
+    app = create_app(serve_config(tiny, default_max_tokens=32, max_batch=4, queue_size=32), assistant)
     with running(app) as url:
         yield url, app
 
@@ -62,26 +49,6 @@ def client(server):
 
 def _ask(slide: str, text: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "slide", "slide": slide}, {"type": "text", "text": text}]}]
-
-
-@contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _is_openai_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    assert "Traceback" not in resp.text and "/tmp" not in resp.text
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 # --------------------------------------------------------------------------------- happy paths
@@ -213,7 +180,7 @@ def test_path_escapes_are_refused(server, tiny, slide, status):
         if not (root / name).is_symlink():
             os.symlink(target, root / name)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "slide": slide}
-    _is_openai_error(httpx.post(url + "/v1/chat/completions", json=body), status)
+    openai_error(httpx.post(url + "/v1/chat/completions", json=body), status)
     assert httpx.get(f"{url}/v1/slides/{slide}/tiles").status_code in (400, 404)
     listed = [s["id"] for s in httpx.get(url + "/v1/slides").json()["data"]]
     assert "escape_link" not in listed and not any(i.startswith("escape_dir") for i in listed)
@@ -223,21 +190,42 @@ def test_error_format_for_bad_requests(server, tiny):
     url, _ = server
     post = lambda body, **kw: httpx.post(url + "/v1/chat/completions", content=body, headers=JSON, **kw)  # noqa: E731
     ok_messages = [{"role": "user", "content": "hi"}]
-    _is_openai_error(post(b"{not json"), 400, "invalid_json")
-    _is_openai_error(post(json.dumps({"model": "gpt-4", "messages": ok_messages, "slide": tiny.slide_ids[0]})), 404,
+    openai_error(post(b"{not json"), 400, "invalid_json")
+    openai_error(post(b""), 400, "invalid_json")
+    openai_error(post(b"[" * 5000 + b"]" * 5000), 400, "invalid_json")  # too deep to decode: not a 500
+    assert openai_error(post(b"[]"), 400, "invalid_type")["param"] == "body"
+    # FastAPI validates the body against the pydantic models; errors name the field as OpenAI does
+    slide = tiny.slide_ids[0]
+    for extra, param, code in (
+            ({"temperature": "0.5"}, "temperature", "invalid_type"),  # JSON types as sent
+            ({"stream": 1}, "stream", "invalid_type"),
+            ({"top_p": 0}, "top_p", "invalid_value"),
+            ({"n": 3}, "n", "unsupported_parameter"),
+            ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+             "messages[0].content[0].text", "invalid_type"),
+            ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type",
+             "invalid_value"),
+            ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
+            ({"model": None}, "model", "invalid_type")):
+        body = {"model": MODEL, "messages": ok_messages, "slide": slide, **extra}
+        err = openai_error(post(json.dumps(body)), 400, code)
+        assert err["param"] == param and err["type"] == "invalid_request_error", err
+    del body["model"]
+    openai_error(post(json.dumps(body)), 400, "missing_required_parameter")
+    openai_error(post(json.dumps({"model": "gpt-4", "messages": ok_messages, "slide": tiny.slide_ids[0]})), 404,
                      "model_not_found")
-    _is_openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages})), 400, "missing_slide")
-    err = _is_openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages, "slide": tiny.slide_ids[0],
+    openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages})), 400, "missing_slide")
+    err = openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages, "slide": tiny.slide_ids[0],
                                             "max_tokens": 65})), 400, "invalid_value")
     assert err["param"] == "max_tokens"
     long = [{"role": "user", "content": "x" * 19_000}]  # more tokens than the model's cutoff_len (8192)
-    _is_openai_error(post(json.dumps({"model": MODEL, "messages": long, "slide": tiny.slide_ids[0]})), 400,
+    openai_error(post(json.dumps({"model": MODEL, "messages": long, "slide": tiny.slide_ids[0]})), 400,
                      "context_length_exceeded")
-    _is_openai_error(httpx.get(url + "/v1/nothing"), 404, "not_found")
-    _is_openai_error(httpx.delete(url + "/v1/models"), 405)
+    openai_error(httpx.get(url + "/v1/nothing"), 404, "not_found")
+    openai_error(httpx.delete(url + "/v1/models"), 405)
     # a corrupt file inside the root: a clear message naming the slide id, no server path
     (tiny.slides_root / "broken.h5").write_bytes(b"not hdf5")
-    err = _is_openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages, "slide": "broken"})), 400,
+    err = openai_error(post(json.dumps({"model": MODEL, "messages": ok_messages, "slide": "broken"})), 400,
                            "invalid_slide_file")
     assert "broken" in err["message"] and str(tiny.slides_root) not in err["message"]
 
@@ -245,7 +233,7 @@ def test_error_format_for_bad_requests(server, tiny):
 def test_oversize_requests_are_refused(server, client, tiny):
     url, _ = server
     big = {"model": MODEL, "slide": tiny.slide_ids[0], "messages": [{"role": "user", "content": "x" * 30_000}]}
-    _is_openai_error(httpx.post(url + "/v1/chat/completions", json=big), 413, "request_too_large")
+    openai_error(httpx.post(url + "/v1/chat/completions", json=big), 413, "request_too_large")
 
     def chunked():  # no Content-Length: the limit is enforced while reading
         yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
@@ -253,7 +241,7 @@ def test_oversize_requests_are_refused(server, client, tiny):
             yield b"y" * 1000
         yield b'"}]}'
 
-    _is_openai_error(httpx.post(url + "/v1/chat/completions", content=chunked(), headers=JSON), 413,
+    openai_error(httpx.post(url + "/v1/chat/completions", content=chunked(), headers=JSON), 413,
                      "request_too_large")
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=_ask(tiny.slide_ids[0], "hi"), max_tokens=10_000)
@@ -261,12 +249,12 @@ def test_oversize_requests_are_refused(server, client, tiny):
 
 
 def test_auth_with_bearer_token(tiny, assistant):
-    app = create_app(_config(tiny, api_key="s3cret"), assistant)
+    app = create_app(serve_config(tiny, default_max_tokens=32, api_key="s3cret"), assistant)
     with running(app) as url:
         body = {"model": MODEL, "messages": _ask(tiny.slide_ids[0], "hi"), "max_tokens": 2}
-        _is_openai_error(httpx.post(url + "/v1/chat/completions", json=body), 401, "invalid_api_key")
-        _is_openai_error(httpx.get(url + "/v1/slides", headers={"Authorization": "Bearer wrong"}), 401)
-        _is_openai_error(httpx.get(f"{url}/v1/slides/{tiny.slide_ids[0]}/tiles"), 401)
+        openai_error(httpx.post(url + "/v1/chat/completions", json=body), 401, "invalid_api_key")
+        openai_error(httpx.get(url + "/v1/slides", headers={"Authorization": "Bearer wrong"}), 401)
+        openai_error(httpx.get(f"{url}/v1/slides/{tiny.slide_ids[0]}/tiles"), 401)
         with pytest.raises(openai.AuthenticationError):
             OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         good = OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
@@ -275,7 +263,7 @@ def test_auth_with_bearer_token(tiny, assistant):
 
 
 def test_full_queue_answers_429(tiny, assistant):
-    app = create_app(_config(tiny, max_batch=1, queue_size=1), assistant)
+    app = create_app(serve_config(tiny, default_max_tokens=32, max_batch=1, queue_size=1), assistant)
     with running(app) as url:
         body = {"model": MODEL, "messages": _ask(tiny.slide_ids[0], "What is the diagnosis?"), "max_tokens": 64}
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200  # slide now cached
@@ -289,15 +277,15 @@ def test_full_queue_answers_429(tiny, assistant):
         # one slot in the queue (plus the row being generated, if the worker took one in time): most are refused
         assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 1, codes
         busy = next(r for r in responses if r.status_code == 429)
-        _is_openai_error(busy, 429, "queue_full")
+        openai_error(busy, 429, "queue_full")
         assert busy.headers["retry-after"] == "1"
 
 
 def test_request_timeout_answers_504(tiny, assistant):
-    app = create_app(_config(tiny, request_timeout=0.001), assistant)
+    app = create_app(serve_config(tiny, default_max_tokens=32, request_timeout=0.001), assistant)
     with running(app) as url:
         body = {"model": MODEL, "messages": _ask(tiny.slide_ids[0], "hi"), "max_tokens": 64}
-        _is_openai_error(httpx.post(url + "/v1/chat/completions", json=body), 504, "timeout")
+        openai_error(httpx.post(url + "/v1/chat/completions", json=body), 504, "timeout")
         with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
             events = [line for line in r.iter_lines() if line.startswith("data:")]
         assert r.status_code == 200 and json.loads(events[-1][5:])["error"]["code"] == "timeout"
@@ -313,5 +301,5 @@ def test_viewer_files_are_served_with_a_strict_policy(server):
     js = httpx.get(url + "/static/app.js")
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
     assert ".innerHTML" not in js.text and "eval(" not in js.text
-    _is_openai_error(httpx.get(url + "/static/../serve/app.py"), 404)
-    _is_openai_error(httpx.get(url + "/static/secret.py"), 404)
+    openai_error(httpx.get(url + "/static/../serve/app.py"), 404)
+    openai_error(httpx.get(url + "/static/secret.py"), 404)

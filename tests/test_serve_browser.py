@@ -11,8 +11,8 @@ from playwright.sync_api import sync_playwright
 from wsi_llava.infer.engine import SlideAssistant
 from wsi_llava.serve.app import create_app
 from wsi_llava.serve.config import ServeConfig
-from wsi_llava.serve.live import running
-from wsi_llava.serve.tiny import TINY_ANSWER, tiny_serving_cached
+
+from serve_helpers import TINY_ANSWER, running, tiny_serving_cached  # tests/
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

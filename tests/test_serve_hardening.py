@@ -17,19 +17,17 @@ import time
 import httpx
 import pytest
 
-import wsi_llava.serve.app as app_module
+import wsi_llava.serve.server as server_module
 from wsi_llava.infer.engine import SlideAssistant
-from wsi_llava.serve.app import create_app, default_allowed_hosts, file_loader, host_name
+from wsi_llava.serve.app import create_app
 from wsi_llava.serve.config import ServeConfig
-from wsi_llava.serve.live import running
-from wsi_llava.serve.tiny import tiny_serving_cached
+from wsi_llava.serve.guard import default_allowed_hosts, host_name
+from wsi_llava.serve.server import file_loader
 
 from blocking_loaders import open_fifo_instead  # tests/: importable by the reader processes too
+from serve_helpers import JSON, MODEL, openai_error, running, serve_config, tiny_serving_cached
 
 pytestmark = pytest.mark.timeout(240)
-
-MODEL = "tiny"
-JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +45,10 @@ def assistant(tiny):
     return SlideAssistant.from_pretrained(tiny.model_dir)
 
 
-def _config(tiny, **kw) -> ServeConfig:
-    base = dict(model=str(tiny.model_dir), slides_root=str(tiny.slides_root), model_name=MODEL, torch_threads=1,
-                max_tokens_limit=64, default_max_tokens=16, max_body_bytes=20_000)
-    base.update(kw)
-    return ServeConfig(**base)
-
-
 @pytest.fixture(scope="module")
 def server(tiny, assistant):
-    with running(create_app(_config(tiny), assistant)) as url:
+    with running(create_app(serve_config(tiny), assistant)) as url:
         yield url
-
-
-def _error(resp: httpx.Response, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code, err
-    assert "Traceback" not in resp.text
-    return err
 
 
 def _body(tiny, content: str = "What is the diagnosis?", **kw) -> dict:
@@ -78,13 +61,13 @@ def test_a_lone_surrogate_is_a_400_not_a_500(server, tiny, caplog):
     caplog.set_level(logging.ERROR, logger="wsi_llava.serve")
     raw = json.dumps(_body(tiny, "hi \ud800 there"))  # json.dumps writes the lone surrogate as "\ud800"
     assert "\\ud800" in raw
-    err = _error(httpx.post(server + "/v1/chat/completions", content=raw, headers=JSON), 400, "invalid_unicode")
+    err = openai_error(httpx.post(server + "/v1/chat/completions", content=raw, headers=JSON), 400, "invalid_unicode")
     assert err["param"] == "messages[0].content" and err["type"] == "invalid_request_error"
     key = raw.replace('"max_tokens"', '"\\udfff"')  # in a key
-    _error(httpx.post(server + "/v1/chat/completions", content=key, headers=JSON), 400, "invalid_unicode")
+    openai_error(httpx.post(server + "/v1/chat/completions", content=key, headers=JSON), 400, "invalid_unicode")
     slide = json.dumps(_body(tiny, slide="SYN\udc80"))
-    assert _error(httpx.post(server + "/v1/chat/completions", content=slide, headers=JSON), 400,
-                  "invalid_unicode")["param"] == "slide"
+    assert openai_error(httpx.post(server + "/v1/chat/completions", content=slide, headers=JSON), 400,
+                        "invalid_unicode")["param"] == "slide"
     # a proper surrogate pair is an ordinary character
     ok = httpx.post(server + "/v1/chat/completions", content=json.dumps(_body(tiny, "what is \U0001F52C?")),
                     headers=JSON, timeout=60)
@@ -99,7 +82,7 @@ def test_a_lone_surrogate_is_a_400_not_a_500(server, tiny, caplog):
 def test_an_abandoned_request_stops_generating(tiny, assistant, monkeypatch):
     """The client gives up (closes the connection) long before the request timeout: the row is cancelled
     at once instead of generating until the timeout."""
-    real = app_module.generate_rows
+    real = server_module.generate_rows
     seen: dict = {}
 
     def generate_when_cancelled(model, tokenizer, rows, visuals):  # a generation that takes "forever"
@@ -109,8 +92,8 @@ def test_an_abandoned_request_stops_generating(tiny, assistant, monkeypatch):
         seen.update(cancelled=rows[0].cancelled(), waited=time.monotonic() - start)
         return real(model, tokenizer, rows, visuals)
 
-    monkeypatch.setattr(app_module, "generate_rows", generate_when_cancelled)
-    app = create_app(_config(tiny, request_timeout=60), assistant)
+    monkeypatch.setattr(server_module, "generate_rows", generate_when_cancelled)
+    app = create_app(serve_config(tiny, request_timeout=60), assistant)
     with running(app) as url:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/chat/completions", json=_body(tiny), timeout=1.5)
@@ -138,32 +121,33 @@ def test_host_header_parsing_and_defaults():
 def test_without_a_key_host_and_content_type_are_checked(server, tiny):
     port = server.rsplit(":", 1)[1]
     for path in ("/health", "/v1/models", "/", "/v1/slides"):
-        err = _error(httpx.get(server + path, headers={"Host": "attacker.example"}), 403, "host_not_allowed")
+        err = openai_error(httpx.get(server + path, headers={"Host": "attacker.example"}), 403, "host_not_allowed")
         assert "attacker.example" in err["message"]
-    _error(httpx.get(server + "/health", headers={"Host": f"rebind.attacker.example:{port}"}), 403, "host_not_allowed")
+    openai_error(httpx.get(server + "/health", headers={"Host": f"rebind.attacker.example:{port}"}), 403,
+                 "host_not_allowed")
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
         assert httpx.get(server + "/health", headers={"Host": host}).status_code == 200, host
     # what a cross-origin page can send without a preflight: text/plain, a form, multipart; and no type at all
     body = json.dumps(_body(tiny))
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
         headers = {"Content-Type": ctype} if ctype else {}
-        _error(httpx.post(server + "/v1/chat/completions", content=body, headers=headers), 415,
-               "unsupported_media_type")
+        openai_error(httpx.post(server + "/v1/chat/completions", content=body, headers=headers), 415,
+                     "unsupported_media_type")
     ok = httpx.post(server + "/v1/chat/completions", content=body,
                     headers={"Content-Type": "application/json; charset=utf-8"}, timeout=60)
     assert ok.status_code == 200, ok.text
 
 
 def test_allowed_hosts_option_and_api_key(tiny, assistant):
-    app = create_app(_config(tiny, allowed_hosts=("Slides.Lab", "localhost")), assistant)
+    app = create_app(serve_config(tiny, allowed_hosts=("Slides.Lab", "localhost")), assistant)
     with running(app) as url:
         assert httpx.get(url + "/health", headers={"Host": "slides.lab:8000"}).status_code == 200
-        _error(httpx.get(url + "/health"), 403, "host_not_allowed")  # 127.0.0.1 was not listed
-    with running(create_app(_config(tiny, allowed_hosts=("*",)), assistant)) as url:
+        openai_error(httpx.get(url + "/health"), 403, "host_not_allowed")  # 127.0.0.1 was not listed
+    with running(create_app(serve_config(tiny, allowed_hosts=("*",)), assistant)) as url:
         assert httpx.get(url + "/health", headers={"Host": "anything.example"}).status_code == 200
     # with a key, DNS rebinding gains nothing (the page cannot know the key): no Host check, and the
     # key itself needs a CORS preflight, so the body type is not checked either
-    with running(create_app(_config(tiny, api_key="k3y"), assistant)) as url:
+    with running(create_app(serve_config(tiny, api_key="k3y"), assistant)) as url:
         auth = {"Authorization": "Bearer k3y", "Host": "anything.example"}
         assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
         r = httpx.post(url + "/v1/chat/completions", content=json.dumps(_body(tiny)),
@@ -205,11 +189,11 @@ async def _stuck_read_scenario(url: str, other: str, timeout: float) -> None:
         assert other_tiles.status_code == 200 and not stuck.done()
         resp = await stuck
         took = time.monotonic() - start
-        err = _error(resp, 504, "slide_timeout")
+        err = openai_error(resp, 504, "slide_timeout")
         assert "slow" in err["message"] and err["type"] == "timeout_error"
         assert timeout * 0.8 < took < timeout + 20, took
         t = time.monotonic()
-        _error(await c.get("/v1/slides/slow"), 504, "slide_timeout")  # remembered: not read again
+        openai_error(await c.get("/v1/slides/slow"), 504, "slide_timeout")  # remembered: not read again
         assert time.monotonic() - t < 1.0
 
 
@@ -223,7 +207,7 @@ def test_a_blocked_slide_read_does_not_block_the_server(tiny, assistant):
             release.wait(60)
         return real(path)
 
-    app = create_app(_config(tiny, slide_reader="thread", slide_timeout=1.5), assistant, slide_loader=loader)
+    app = create_app(serve_config(tiny, slide_reader="thread", slide_timeout=1.5), assistant, slide_loader=loader)
     try:
         with running(app) as url:
             asyncio.run(_stuck_read_scenario(url, tiny.slide_ids[1], 1.5))
@@ -238,7 +222,7 @@ def test_a_read_stuck_inside_hdf5_is_killed_at_the_timeout(tiny, assistant, tmp_
     fifo = tmp_path / "never_written.h5"
     os.mkfifo(fifo)
     loader = functools.partial(open_fifo_instead, fifo=str(fifo), real=file_loader(assistant))
-    app = create_app(_config(tiny, slide_timeout=3.0, slide_readers=2), assistant, slide_loader=loader)
+    app = create_app(serve_config(tiny, slide_timeout=3.0, slide_readers=2), assistant, slide_loader=loader)
     with running(app) as url:
         async def warm():  # two reads at once: both reader processes started
             async with httpx.AsyncClient(base_url=url, timeout=120) as c:

@@ -9,13 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from wsi_llava.serve.app import batch_key, tile_size
 from wsi_llava.serve.batching import BatchQueue, BatchWorker, Job, QueueFull
 from wsi_llava.serve.caches import LRUCache
 from wsi_llava.serve.errors import ApiError
 from wsi_llava.infer.generation import _held_back
+from wsi_llava.serve.responses import tile_size
 from wsi_llava.serve.schema import parse_chat_request
 from wsi_llava.serve.security import bearer_ok, is_loopback, list_slides, real_root, resolve_slide
+from wsi_llava.serve.server import batch_key
 
 
 # ------------------------------------------------------------------------------- slide paths
@@ -227,8 +228,20 @@ def test_parse_plain_parts_history_and_options():
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages[1].role"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
     ({"messages": [{"role": "tool", "content": "a"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]},
      "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0].image_url.url"),
+    ({"messages": [{"role": "system", "content": [{"type": "slide", "slide": "a"}]},
+                   {"role": "user", "content": "q"}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}},
+                                                {"type": "text", "text": "q"}]}], "slide": "b"},
+     "messages[0].content[0].image_url.url"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "user", "content": "look <image> here"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x<|eot_id|>"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "slide", "slide": "a"}, {"type": "text", "text": "q"}]}],
@@ -248,12 +261,36 @@ def test_parse_plain_parts_history_and_options():
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"seed": -1}, "seed"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"seed": 1.0}, "seed"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream": True, "stream_options": 5}, "stream_options"),
+    ({"stop": ["a", 5]}, "stop[1]"),
 ])
 def test_parse_rejects_with_the_field_named(body, param):
     with pytest.raises(ApiError) as err:
         _parse(body)
     assert err.value.status == 400 and err.value.param == param, err.value.message
     assert err.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_parse_image_parts():
+    url = "data:image/png;base64,iVBORw0KGgo="
+    req = _parse({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                            {"type": "text", "text": "What is it?"}]}]})
+    assert req.image == (url, "messages[0].content[0].image_url.url") and req.slide is None
+    assert req.question == "What is it?"
+    again = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+                                         {"type": "text", "text": "And?"}]}
+    req = _parse({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                            {"type": "text", "text": "q"}]},
+                               {"role": "assistant", "content": "a"}, again]})
+    assert req.history == [("q", "a")] and req.image[1] == "messages[0].content[0].image_url.url"
+    with pytest.raises(ApiError) as err:  # two different images
+        _parse({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "image_url", "image_url": {"url": "b.png"}},
+                                                          {"type": "text", "text": "q"}]}]})
+    assert err.value.param == "messages[0].content[1].image_url.url"
 
 
 def test_parse_rejects_non_objects():

@@ -7,49 +7,53 @@ import logging
 import os
 import sys
 
+from ..errors import WsiLlavaError
 from ..precision import add_precision_arguments
 from .config import API_KEY_ENV, ServeConfig
 from .security import is_loopback
 
 
+#: flags that set one :class:`ServeConfig` field as given: (flag, field, type, help); the default is the field's
+FIELD_FLAGS = (
+    ("--host", "host", str, "address to bind (default: %(default)s, loopback only)"),
+    ("--port", "port", int, "TCP port (default: %(default)s)"),
+    ("--model-name", "model_name", str, "model id clients send (default: the model folder's name)"),
+    ("--max-batch", "max_batch", int, "requests generated together (default: %(default)s)"),
+    ("--queue-size", "queue_size", int, "waiting requests before answering 429 (default: %(default)s)"),
+    ("--timeout", "request_timeout", float, "seconds per request, queue wait included (default: %(default)s)"),
+    ("--max-tokens-limit", "max_tokens_limit", int, "largest max_tokens a request may ask for (default: %(default)s)"),
+    ("--default-max-tokens", "default_max_tokens", int, "max_tokens when a request gives none (default: %(default)s)"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body in bytes (default: %(default)s)"),
+    ("--slide-cache", "slide_cache_items", int, "loaded slides kept in memory (default: %(default)s)"),
+    ("--visual-cache", "visual_cache_items", int, "per-slide visual encodings kept (default: %(default)s)"),
+    ("--threads", "torch_threads", int, "CPU threads for generation (default: torch's)"),
+    ("--slide-timeout", "slide_timeout", float, "seconds one slide file read may take (default: %(default)s)"),
+    ("--slide-readers", "slide_readers", int, "slide reads at a time (default: %(default)s)"),
+    ("--tile-weights", "tile_weights", str, "tile encoder weights (.safetensors / .bin), local only: accept ROI "
+                                            "images (image_url content parts), tiled and encoded when asked"),
+    ("--tile-encoder", "tile_encoder", str, "gigapath | uni | vit | timm:<arch> (default: the name in "
+                                            "--tile-weights' metadata)"),
+    ("--max-image-pixels", "max_image_pixels", int, "largest ROI image, width x height (default: %(default)s)"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ServeConfig
     parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
     add_precision_arguments(parser, device=True)
     parser.add_argument("--slides-root", required=True,
                         help="folder of slide .h5 files clients may reference (nothing outside it is read)")
-    parser.add_argument("--host", default=d.host, help="address to bind (default: %(default)s, loopback only)")
-    parser.add_argument("--port", type=int, default=d.port, help="TCP port (default: %(default)s)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set); "
                              "prefer the environment variable, command lines are visible to other users")
-    parser.add_argument("--model-name", default=None, help="model id clients send (default: the model folder's name)")
-    parser.add_argument("--max-batch", type=int, default=d.max_batch, help="requests generated together (default: %(default)s)")
-    parser.add_argument("--queue-size", type=int, default=d.queue_size,
-                        help="waiting requests before answering 429 (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=d.request_timeout,
-                        help="seconds per request, queue wait included (default: %(default)s)")
-    parser.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
-                        help="largest max_tokens a request may ask for (default: %(default)s)")
-    parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
-                        help="max_tokens when a request gives none (default: %(default)s)")
-    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
-                        help="largest request body in bytes (default: %(default)s)")
-    parser.add_argument("--slide-cache", type=int, default=d.slide_cache_items,
-                        help="loaded slides kept in memory (default: %(default)s)")
-    parser.add_argument("--slide-cache-mb", type=int, default=d.slide_cache_bytes // 2**20,
+    for flag, name, kind, help_ in FIELD_FLAGS:
+        parser.add_argument(flag, dest=name, type=kind, default=getattr(ServeConfig, name), help=help_,
+                            metavar=flag[2:].upper().replace("-", "_"))
+    parser.add_argument("--slide-cache-mb", type=int, default=ServeConfig.slide_cache_bytes // 2**20,
                         help="memory bound of the slide cache in MiB (default: %(default)s)")
-    parser.add_argument("--visual-cache", type=int, default=d.visual_cache_items,
-                        help="per-slide visual encodings kept (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for generation (default: torch's)")
     parser.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST…]",
                         help="Host header names to answer ('*' = any); default without an API key: localhost, "
                              "127.0.0.1, [::1] and --host (blocks DNS rebinding)")
-    parser.add_argument("--slide-timeout", type=float, default=d.slide_timeout,
-                        help="seconds one slide file read may take (default: %(default)s)")
-    parser.add_argument("--slide-readers", type=int, default=d.slide_readers,
-                        help="slide reads at a time (default: %(default)s)")
-    parser.add_argument("--slide-reader", choices=["process", "thread"], default=d.slide_reader,
+    parser.add_argument("--slide-reader", choices=["process", "thread"], default=ServeConfig.slide_reader,
                         help="read slides in worker processes (killed at the timeout) or threads (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -57,14 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The :class:`ServeConfig` of parsed arguments (the API key falls back to the environment)."""
     return ServeConfig(
-        model=args.model, slides_root=args.slides_root, host=args.host, port=args.port,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, model_name=args.model_name,
-        max_batch=args.max_batch, queue_size=args.queue_size, request_timeout=args.timeout,
-        max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
-        default_max_tokens=args.default_max_tokens, slide_cache_items=args.slide_cache,
-        slide_cache_bytes=args.slide_cache_mb * 2**20, visual_cache_items=args.visual_cache,
+        model=args.model, slides_root=args.slides_root, **{name: getattr(args, name) for _, name, _, _ in FIELD_FLAGS},
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, slide_cache_bytes=args.slide_cache_mb * 2**20,
         device=args.device, precision=args.precision, force_precision=args.force_precision,
-        torch_threads=args.threads, slide_timeout=args.slide_timeout, slide_readers=args.slide_readers,
         slide_reader=args.slide_reader,
         allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts is not None else None)
 
@@ -78,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         app = create_app(config)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError, WsiLlavaError) as e:
         print(f"wsi-llava serve: {e}", file=sys.stderr)
         return 2
     if not is_loopback(config.host) and not config.api_key:

@@ -70,9 +70,24 @@ class ServeConfig:
     """``process``: reads in worker processes, killed at the timeout (a read stuck inside HDF5 holds
     the GIL and would freeze a threaded server); ``thread``: a thread pool."""
 
+    tile_weights: str | None = None
+    """Tile encoder weights (``.safetensors``/``.bin``, local): enables ``image_url`` content parts (ROI
+    images, tiled and encoded when asked, see :mod:`~wsi_llava.serve.images`). None: image parts are
+    answered 400 ``images_not_enabled``."""
+    tile_encoder: str | None = None
+    """``gigapath``, ``uni``, ``vit`` or ``timm:<arch>`` (None: the name in the weights' metadata)."""
+    max_image_pixels: int = 8192 * 8192
+    """Largest ROI image (width × height) accepted; larger ones are answered 400 ``image_too_large``."""
+    max_image_bytes: int = 64 * 2**20
+    """Largest ROI image file (encoded bytes) accepted; larger ones are answered 400 ``image_too_large``."""
+    image_cache_items: int = 64
+    """Most encoded ROI images (tile features + coordinates, keyed by the image's SHA-256) kept."""
+    image_cache_bytes: int = 256 * 2**20
+    """Memory bound of the image cache (bytes of features + coordinates)."""
+
     def __post_init__(self):
         for name in ("max_batch", "queue_size", "max_body_bytes", "max_tokens_limit", "default_max_tokens",
-                     "max_messages", "max_listed_slides"):
+                     "max_messages", "max_listed_slides", "max_image_pixels", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout <= 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 #: HTTP status -> OpenAI-style error ``type``
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -18,6 +20,20 @@ ERROR_TYPES: dict[int, str] = {
 }
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    """The request field the error is about (``messages[0].content``), or None."""
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
 class ApiError(Exception):
     """An error answered to the client: HTTP ``status`` and an OpenAI error body."""
 
@@ -32,7 +48,8 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         """The JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param,
+                                               code=self.code)).model_dump()
 
 
 def internal_error() -> ApiError:

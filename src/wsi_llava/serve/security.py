@@ -34,30 +34,31 @@ class SlideRef:
     """Real (symlink-free) absolute path of the file; inside the root's real path."""
 
 
-def _invalid(ref: str, why: str) -> ApiError:
-    return ApiError(400, f"invalid slide reference {ref[:200]!r}: {why}", code="invalid_slide", param="slide")
+def _invalid(ref: str, why: str, what: str = "slide", param: str = "slide") -> ApiError:
+    return ApiError(400, f"invalid {what} reference {ref[:200]!r}: {why}", code=f"invalid_{what}", param=param)
 
 
-def _not_found(ref: str) -> ApiError:
-    return ApiError(404, f"slide {ref[:200]!r} not found under the slides root (GET /v1/slides lists them)",
-                    code="slide_not_found", param="slide")
+def _not_found(ref: str, what: str = "slide", param: str = "slide") -> ApiError:
+    listed = " (GET /v1/slides lists them)" if what == "slide" else ""
+    return ApiError(404, f"{what} {ref[:200]!r} not found under the slides root{listed}", code=f"{what}_not_found",
+                    param=param)
 
 
-def check_ref_syntax(ref: object) -> str:
-    """The reference as a clean relative ``/`` path, or ApiError 400."""
+def check_ref_syntax(ref: object, what: str = "slide", param: str = "slide") -> str:
+    """The reference as a clean relative ``/`` path, or ApiError 400 (code ``invalid_<what>``)."""
     if not isinstance(ref, str) or not ref:
-        raise ApiError(400, "a slide reference must be a non-empty string", code="invalid_slide", param="slide")
+        raise ApiError(400, f"a {what} reference must be a non-empty string", code=f"invalid_{what}", param=param)
     if len(ref) > MAX_REF_CHARS:
-        raise _invalid(ref, f"longer than {MAX_REF_CHARS} characters")
+        raise _invalid(ref, f"longer than {MAX_REF_CHARS} characters", what, param)
     if any(ord(c) < 32 or ord(c) == 127 for c in ref):
-        raise _invalid(ref, "control characters are not allowed")
+        raise _invalid(ref, "control characters are not allowed", what, param)
     if "\\" in ref:
-        raise _invalid(ref, "use '/' as the separator")
+        raise _invalid(ref, "use '/' as the separator", what, param)
     if ref.startswith("/") or os.path.isabs(ref) or ref.startswith("~"):
-        raise _invalid(ref, "absolute paths are not allowed; give a path relative to the slides root")
+        raise _invalid(ref, "absolute paths are not allowed; give a path relative to the slides root", what, param)
     parts = ref.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise _invalid(ref, "'..', '.' and empty path components are not allowed")
+        raise _invalid(ref, "'..', '.' and empty path components are not allowed", what, param)
     return ref
 
 
@@ -86,18 +87,25 @@ def resolve_slide(root: str, ref: object) -> SlideRef:
 
     Raises ApiError 400 (malformed reference) or 404 (missing, outside the root, not a slide file).
     """
-    ref = check_ref_syntax(ref)
-    has_suffix = ref.lower().endswith(SLIDE_SUFFIXES)
-    candidates = [ref] if has_suffix else [ref + s for s in SLIDE_SUFFIXES]
+    return resolve_file(root, ref)
+
+
+def resolve_file(root: str, ref: object, suffixes: tuple[str, ...] = SLIDE_SUFFIXES, what: str = "slide",
+                 param: str = "slide") -> SlideRef:
+    """:func:`resolve_slide` for files with other ``suffixes`` (ROI images: ``what="image"``, the
+    suffix must be given); errors say ``what`` and name ``param``."""
+    ref = check_ref_syntax(ref, what, param)
+    has_suffix = ref.lower().endswith(suffixes)
+    candidates = [ref] if has_suffix else [ref + s for s in suffixes] if what == "slide" else []
     for cand in candidates:
         joined = os.path.join(root, *cand.split("/"))
         real = os.path.realpath(joined)
         if not _inside(root, real):
-            raise _not_found(ref)
-        if not real.lower().endswith(SLIDE_SUFFIXES) or not os.path.isfile(real):
+            raise _not_found(ref, what, param)
+        if not real.lower().endswith(suffixes) or not os.path.isfile(real):
             continue
         return SlideRef(id=_slide_id(root, joined), path=real)
-    raise _not_found(ref)
+    raise _not_found(ref, what, param)
 
 
 def list_slides(root: str, limit: int = 10_000) -> tuple[list[SlideRef], bool]:

@@ -1,5 +1,6 @@
-"""A tiny served model and a few synthetic slides, for the serving tests, the load benchmark and a
-first look at the viewer without a trained model (seconds on a CPU).
+"""Serving test helpers: a tiny served model with a few synthetic slides (seconds on a CPU), and
+:func:`running`, which serves an app in a background thread. Used by the serving tests and
+``bench/serve_load.py`` (which puts this folder on ``sys.path``).
 
 The tiny model is a random-init tiny Llama wrapped as WSI-LLaVA with the ``prompt_topk`` selector
 (so answers come with per-tile scores for the heatmap), taught for a few optimizer steps to answer
@@ -9,10 +10,22 @@ untrained model. It is not a pathology model.
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import torch
+
+from wsi_llava.serve.config import ServeConfig
+
+MODEL = "tiny"
+"""The model id the serving tests serve."""
+JSON = {"Content-Type": "application/json"}
 
 #: what the tiny model learns to answer (several tokens, so streaming shows several deltas)
 TINY_ANSWER = "the slide shows sheets of atypical cells with prominent nucleoli and frequent mitoses."
@@ -36,11 +49,11 @@ def build_tiny_serving(out: str | Path, n_slides: int = 4, feature_dim: int = 16
     """Write ``out/model`` (tiny WSI-LLaVA + tokenizer) and ``out/cohort/slides/*.h5``.
 
     Trains on one intra-op thread (tiny matrices: faster, and no spinning on a busy machine)."""
-    from ..data.prompts import DEFAULT_SYSTEM_PROMPT, PromptBuilder
-    from ..data.slides import load_slide
-    from ..data.synthetic import SynthConfig, make_cohort
-    from ..model.wsi_llava import WsiLlavaForConditionalGeneration
-    from ..tiny import build_tiny_llm
+    from wsi_llava.data.prompts import DEFAULT_SYSTEM_PROMPT, PromptBuilder
+    from wsi_llava.data.slides import load_slide
+    from wsi_llava.data.synthetic import SynthConfig, make_cohort
+    from wsi_llava.model.wsi_llava import WsiLlavaForConditionalGeneration
+    from wsi_llava.tiny import build_tiny_llm
 
     out = Path(out)
     llm = build_tiny_llm(out / "llm")
@@ -93,3 +106,61 @@ def tiny_serving_cached(folder: str | Path) -> TinyServing:
         (folder / "READY").write_text("ok\n")
     root = folder / "cohort" / "slides"
     return TinyServing(folder / "model", root, sorted(p.stem for p in root.glob("*.h5")))
+
+
+@contextmanager
+def running(app, host: str = "127.0.0.1", start_timeout: float = 60.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on ``host`` and a free port; yields ``http://host:port``; stops the
+    server (and the app's batch worker) on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", server_header=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="wsi-llava-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the server did not start (see the log above)")
+        time.sleep(0.02)
+    try:
+        yield f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def serve_config(tiny: TinyServing, **kw) -> ServeConfig:
+    """The tests' :class:`ServeConfig` of ``tiny`` (model id :data:`MODEL`, one worker thread, small limits)."""
+    base = dict(model=str(tiny.model_dir), slides_root=str(tiny.slides_root), model_name=MODEL, torch_threads=1,
+                max_tokens_limit=64, default_max_tokens=16, max_body_bytes=20_000)
+    return ServeConfig(**{**base, **kw})
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread (as the server's worker), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def openai_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
+    """Asserts ``resp`` is an OpenAI-shaped error with ``status`` (and ``code``) that reveals no stack
+    trace or server path; returns its ``error`` object."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in resp.text and "/tmp" not in resp.text
+    if code is not None:
+        assert err["code"] == code, err
+    return err
