@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-from ..data.manifest import ROI_SUFFIXES
+from ..data.records import ROI_SUFFIXES
 from ..data.slides import Slide
 from ..infer.roi import RoiError, RoiSlides, encode_roi
 from .caches import LRUCache
