@@ -14,7 +14,7 @@ from wsi_llava.infer.engine import SlideAssistant
 from wsi_llava.infer.generation import GenerationSettings, Request, generate
 from wsi_llava.serve.caches import LRUCache
 from wsi_llava.serve.generation import Row, VisualEncoder, generate_rows
-from wsi_llava.serve.tiny import tiny_serving_cached
+from serve_helpers import tiny_serving_cached
 
 SRC = Path(wsi_llava.__file__).resolve().parent
 QUESTION = "What is the diagnosis?"
