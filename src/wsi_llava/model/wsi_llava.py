@@ -217,7 +217,7 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         options = SelectOptions(**cfg.select_options) if cfg.select_options else None
         sel = SELECTORS[cfg.vision_feature_select_mode](
             patches, tile_mask, cfg.image_seq_length, cls_attention=out.cls_attention, keys=out.keys,
-            query=query, coords=coords, generator=generator, training=self.training, options=options)
+            query=query, coords=coords, generator=generator, options=options)
         vis = sel.tokens
         if cfg.use_cls_token:
             vis = torch.cat([tokens[:, :1], vis], dim=1)
