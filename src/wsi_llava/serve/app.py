@@ -224,7 +224,7 @@ def file_loader(assistant: SlideAssistant):
     """``path -> Slide`` as :meth:`SlideAssistant.load` reads slide files, picklable (for worker processes)."""
     cfg = assistant.model.config
     return functools.partial(load_slide, patches_per_wsi=assistant.patches_per_wsi, rng=None,
-                             expected_dim=cfg.vision_config.get("in_dim", cfg.mm_hidden_size))
+                             expected_dim=cfg.feature_dim)
 
 
 class SlideServer:

@@ -29,7 +29,7 @@ import torch
 import yaml
 from transformers import Trainer
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, arguments_for
 from ..data.slide_text import (
     SlideTextCollator,
     SlideTextDataset,
@@ -81,25 +81,24 @@ def load_pairs(cfg: TrainConfig, spec: str, split: str | None, expected_dim: int
 
 def build_stage1_model(cfg: TrainConfig, feature_dim: int):
     """``(SlideTextModel, tokenizer)``: the slide tower from ``vision_tower`` (any checkpoint
-    ``load_tower`` reads) or random init shaped by ``vision_config``, and the text tower."""
+    ``load_tower`` reads) or random init shaped by ``vision_config``, and the text tower; the heads'
+    :class:`SlideTextConfig` built from ``ContrastiveArguments`` by :func:`~wsi_llava.config.arguments_for`."""
     from ..model.export import load_tower
     from ..model.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     m, c = cfg.model, cfg.contrastive
-    vision_config = dict(m.vision_config)
     if m.vision_tower:
-        encoder = load_tower(cfg.resolve(m.vision_tower), **vision_config)
+        encoder = load_tower(cfg.resolve(m.vision_tower), **m.vision_config)
     else:
-        vision_config.setdefault("in_dim", feature_dim)
-        encoder = SlideEncoder(SlideEncoderConfig(**vision_config))
+        try:
+            encoder = SlideEncoder(SlideEncoderConfig.from_fields({"in_dim": feature_dim, **m.vision_config}))
+        except TypeError as e:
+            raise ConfigError(f"{cfg.source}: vision_config: {e}") from None
     if encoder.config.in_dim != feature_dim:
         raise ConfigError(f"{cfg.source}: the slide tower takes {encoder.config.in_dim}-wide tile features but the "
                           f"data has {feature_dim}-wide features")
     text_tower, tokenizer = load_text_tower(cfg.resolve(c.text_model_name_or_path))
-    heads = SlideTextConfig(slide_pool=c.slide_pool, projection_dim=c.projection_dim,
-                            init_temperature=c.init_temperature, max_logit_scale=c.max_logit_scale,
-                            freeze_slide_tower=m.freeze_vision_tower, freeze_text_tower=c.freeze_text_tower,
-                            gather_across_processes=c.gather_across_processes)
+    heads = SlideTextConfig(**arguments_for(SlideTextConfig, c, freeze_slide_tower=m.freeze_vision_tower))
     return SlideTextModel(encoder.train(), text_tower, heads), tokenizer
 
 
@@ -184,7 +183,7 @@ def _config_dump(cfg: TrainConfig) -> dict:
 
 def stage1_description(cfg: TrainConfig, model: SlideTextModel, feature_dim: int) -> dict:
     """What ``contrastive_config.json`` holds: the slide encoder architecture, heads, text model."""
-    return {"slide_encoder": model.slide_tower.config.to_dict(), "heads": asdict(model.cfg),
+    return {"slide_encoder": model.slide_tower.config.architecture(), "heads": asdict(model.cfg),
             "text_model_name_or_path": cfg.resolve(cfg.contrastive.text_model_name_or_path),
             "text_max_length": cfg.contrastive.text_max_length,
             "contrastive_positives": cfg.contrastive.contrastive_positives, "feature_dim": feature_dim}

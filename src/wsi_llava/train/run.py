@@ -9,12 +9,13 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, arguments_for
 from ..data.collate import SlideCollator
 from ..data.dataset import SlideQADataset, require_h5
 from ..data.manifest import Record, load_manifest
 from ..data.prompts import PromptBuilder
 from ..data.slides import read_slide_meta
+from ..model.configuration import SlideEncoderConfig, WsiLlavaConfig
 from ..model.wsi_llava import WsiLlavaForConditionalGeneration, load_wsi_llava
 from . import final
 from .checkpoint import (
@@ -92,37 +93,37 @@ def filter_invalid(records: list[Record], expected_dim: int | None, skip_invalid
 
 def build_model(cfg: TrainConfig, feature_dim: int):
     """The model and tokenizer for a stage: a saved WSI-LLaVA to continue from, or a new one around the
-    LM; the tower weights and the stage-2 projector loaded on top (strictly)."""
+    LM (its :class:`~wsi_llava.model.configuration.WsiLlavaConfig` built from ``ModelArguments`` by
+    :func:`~wsi_llava.config.arguments_for`); the tower weights and the stage-2 projector loaded on top
+    (strictly)."""
     m = cfg.model
     if m.model_name_or_path:
         model, tokenizer = load_wsi_llava(cfg.resolve(m.model_name_or_path))
     else:
-        vision_config = dict(m.vision_config)
         encoder = None
         if m.vision_mode == "wsi" and m.vision_tower:
             from ..model.export import load_tower
 
             # the architecture stored with the weights (exported stage-1 towers carry it); config overrides win
             encoder = load_tower(cfg.resolve(m.vision_tower), **m.vision_config)
-            vision_config = encoder.config.to_dict()
         if m.vision_mode == "wsi" and encoder is None:
             logger.warning("vision_mode: wsi without vision_tower: the slide encoder starts from random weights%s",
                            " and stays frozen" if m.freeze_vision_tower else "")
+        vision_config = encoder.config.architecture() if encoder is not None else dict(m.vision_config)
         if m.vision_mode == "wsi":
             vision_config.setdefault("in_dim", feature_dim)
-            width = vision_config.get("embed_dim", 768)
+            width = vision_config.get("embed_dim", SlideEncoderConfig.embed_dim)
         else:
             width = feature_dim
         if m.mm_hidden_size is not None and m.mm_hidden_size != width:
             raise ConfigError(f"{cfg.source}: mm_hidden_size {m.mm_hidden_size} does not match the width of the tokens "
                               f"entering the projector ({width}: {'encoder width' if m.vision_mode == 'wsi' else 'tile feature width'})")
-        model, tokenizer = WsiLlavaForConditionalGeneration.from_llm(
-            cfg.resolve(m.llm_name_or_path), vision_mode=m.vision_mode, vision_config=vision_config,
-            mm_hidden_size=width, image_seq_length=m.image_seq_length, use_cls_token=m.use_cls_token,
-            vision_feature_select_mode=m.vision_feature_select_mode, select_options=m.select_options,
-            mm_vision_select_layer=m.mm_vision_select_layer, mm_projector_type=m.mm_projector_type,
-            projector_dropout=m.projector_dropout, gamma_min=m.gamma_min, gamma_max=m.gamma_max,
-            freeze_vision_tower=m.freeze_vision_tower)
+        try:
+            config_kwargs = arguments_for(WsiLlavaConfig, m, vision_config=vision_config, mm_hidden_size=width)
+            model, tokenizer = WsiLlavaForConditionalGeneration.from_llm(cfg.resolve(m.llm_name_or_path),
+                                                                         **config_kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.source}: {e}") from None
         if encoder is not None:
             model.vision_tower.load_state_dict(encoder.state_dict(), strict=True)
     if m.chat_template:
