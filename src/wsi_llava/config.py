@@ -1,12 +1,17 @@
 """Training configuration: dataclasses and a YAML loader for the LLaMA-Factory dialect.
 
-A config file is one flat YAML mapping (LLaMA-Factory style). Its keys are split into
-:class:`ModelArguments`, :class:`DataArguments`, :class:`FinetuningArguments` and the Hugging Face
-``TrainingArguments``. Keys that transformers 5 removed are translated (``warmup_ratio`` →
+A config file is one flat YAML mapping (LLaMA-Factory style). Its keys are parsed into
+:class:`ModelArguments`, :class:`DataArguments`, :class:`FinetuningArguments` and
+:class:`ContrastiveArguments` by ``transformers.HfArgumentParser.parse_dict`` (as LLaMA-Factory
+does); the remaining keys are kept for the Hugging Face ``TrainingArguments``, which the trainers
+build once they have adjusted them. Keys that transformers 5 removed are translated (``warmup_ratio`` →
 ``warmup_steps`` as a ratio, ``no_cuda`` → ``use_cpu``, ``evaluation_strategy`` → ``eval_strategy``,
 ``overwrite_output_dir`` dropped); keys of the original WSI-LLaVA/LLaMA-Factory configs that have no
 effect here are accepted with one warning; any other unknown key is an error with a "did you mean"
-suggestion. ``key=value`` overrides from the command line are applied on top (values parsed as YAML).
+suggestion. ``key=value`` overrides from the command line are applied on top (values parsed as YAML;
+YAML 1.1's ``yes``/``no``/``on``/``off`` stay words for keys that are not booleans). ``select_options``
+are checked against :class:`~wsi_llava.select_options.SelectOptions` when the file is loaded. This is
+the lowest layer: it imports nothing else of the package but the errors and the selector options.
 """
 
 from __future__ import annotations
@@ -20,14 +25,19 @@ from typing import Any
 
 import yaml
 
-from .data.prompts import DEFAULT_SYSTEM_PROMPT
 from .errors import WsiLlavaError
+from .select_options import SelectOptions
 
 logger = logging.getLogger(__name__)
 
 
 class ConfigError(WsiLlavaError, ValueError):
     """An invalid configuration (names the file and key)."""
+
+
+#: ``system_prompt`` value meaning "the built-in prompt"; resolved where prompts are built
+#: (:func:`wsi_llava.data.prompts.resolve_system_prompt`), since config is below data.
+SYSTEM_PROMPT_DEFAULT = "default"
 
 
 @dataclass
@@ -85,8 +95,9 @@ class ModelArguments:
     """Keep the projector frozen."""
     chat_template: str | None = None
     """A Jinja chat template for tokenizers that have none."""
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    """System message of every prompt (empty = none)."""
+    system_prompt: str | None = SYSTEM_PROMPT_DEFAULT
+    """System message of every prompt; ``default`` = the built-in pathology-assistant prompt
+    (``wsi_llava.data.prompts.DEFAULT_SYSTEM_PROMPT``); empty = none."""
     trust_remote_code: bool = False
     """Accepted for compatibility; remote code is never executed."""
 
@@ -213,12 +224,13 @@ class TrainConfig:
     source: str = "<dict>"
     """Where the config came from."""
     base_dir: Path = Path(".")
-    """Folder relative paths resolve against: the working directory, as in LLaMA-Factory."""
+    """Folder relative paths resolve against: :func:`load_config` gives the working directory (as in
+    LLaMA-Factory), not the config file's folder."""
     contrastive: ContrastiveArguments = field(default_factory=ContrastiveArguments)
     """Stage-1 settings (used with ``stage: contrastive``)."""
 
     def resolve(self, path: str | None) -> str | None:
-        """A path from the config, made absolute against the config's folder."""
+        """A path from the config, made absolute against :attr:`base_dir` (None for an absent or empty one)."""
         if path is None or path == "":
             return None
         p = Path(path).expanduser()
@@ -238,7 +250,7 @@ def _declared_type(key: str) -> str | None:
     from transformers import TrainingArguments
 
     key = RENAMED_KEYS.get(key, key)
-    for cls in (ModelArguments, DataArguments, FinetuningArguments, ContrastiveArguments, TrainingArguments):
+    for cls in (*ARGUMENT_GROUPS.values(), TrainingArguments):
         for f in dataclasses.fields(cls):
             if f.name == key:
                 return f.type if isinstance(f.type, str) else str(f.type)
@@ -304,15 +316,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str | Path = ".") -> TrainConfig:
-    """Split a flat LLaMA-Factory-style mapping into a :class:`TrainConfig` (see module docstring)."""
-    groups = {"model": ModelArguments, "data": DataArguments, "finetuning": FinetuningArguments,
-              "contrastive": ContrastiveArguments}
-    names = {g: {f.name for f in dataclasses.fields(c)} for g, c in groups.items()}
-    train_names = _training_argument_names()
-    values: dict[str, dict] = {g: {} for g in groups}
-    training: dict[str, Any] = {}
-    dead, unknown = [], []
+#: The argument dataclasses a config file fills, by :class:`TrainConfig` attribute.
+ARGUMENT_GROUPS = {"model": ModelArguments, "data": DataArguments, "finetuning": FinetuningArguments,
+                   "contrastive": ContrastiveArguments}
+
+
+def translate_dialect(raw: dict[str, Any], source: str = "<dict>") -> tuple[dict[str, Any], list[str]]:
+    """The LLaMA-Factory / transformers-4 dialect → current keys: ``warmup_ratio`` becomes
+    ``warmup_steps`` as a ratio, :data:`RENAMED_KEYS` are renamed (an explicit new key wins), the
+    ``custom_llava`` placeholder of ``model_name_or_path`` is dropped, :data:`DEAD_KEYS` are removed.
+    Returns the translated mapping and the dead keys found (sorted)."""
     raw = dict(raw)
     if "warmup_ratio" in raw:
         ratio = raw.pop("warmup_ratio")
@@ -325,25 +338,33 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str 
             raw.setdefault(new, raw.pop(old))
     if raw.get("model_name_or_path") == "custom_llava":
         raw.pop("model_name_or_path")
-    for key, value in raw.items():
-        group = next((g for g, n in names.items() if key in n), None)
-        if group is not None:
-            values[group][key] = value
-        elif key in train_names:
-            training[key] = value
-        elif key in DEAD_KEYS:
-            dead.append(key)
-        else:
-            unknown.append(key)
+    dead = sorted(k for k in raw if k in DEAD_KEYS)
+    for key in dead:
+        raw.pop(key)
+    return raw, dead
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str | Path = ".") -> TrainConfig:
+    """A flat LLaMA-Factory-style mapping → :class:`TrainConfig` (see module docstring): the dialect
+    translated (:func:`translate_dialect`), unknown keys refused with a "did you mean", the keys of
+    :data:`ARGUMENT_GROUPS` parsed into their dataclasses by ``transformers.HfArgumentParser.parse_dict``,
+    every other key kept for ``TrainingArguments``; then :func:`check_config`."""
+    from transformers import HfArgumentParser
+
+    raw, dead = translate_dialect(raw, source)
+    own = {f.name for cls in ARGUMENT_GROUPS.values() for f in dataclasses.fields(cls)}
+    train_names = _training_argument_names()
+    unknown = [k for k in raw if k not in own and k not in train_names]
     if unknown:
-        known = set().union(*names.values(), train_names, DEAD_KEYS, RENAMED_KEYS, {"warmup_ratio"})
+        known = own | train_names | DEAD_KEYS | set(RENAMED_KEYS) | {"warmup_ratio"}
         msgs = []
         for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
             msgs.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"{source}: unknown config key(s): {', '.join(msgs)}")
     if dead:
-        logger.warning("%s: ignoring keys that have no effect in WSI-LLaVA: %s", source, ", ".join(sorted(dead)))
+        logger.warning("%s: ignoring keys that have no effect in WSI-LLaVA: %s", source, ", ".join(dead))
+    training = {k: v for k, v in raw.items() if k not in own}
     ds = training.get("deepspeed")
     if isinstance(ds, str) and ds and not ds.lstrip().startswith("{"):  # a DeepSpeed JSON file, as LLaMA-Factory
         path = Path(base_dir, ds).expanduser().resolve()
@@ -351,14 +372,33 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str 
             raise ConfigError(f"{source}: deepspeed: {path} not found (configs/ds_zero2.json and "
                               f"configs/ds_zero3.json ship with the repository)")
         training["deepspeed"] = str(path)
-    model = ModelArguments(**values["model"])
+    parser = HfArgumentParser(list(ARGUMENT_GROUPS.values()))
+    try:
+        parsed = dict(zip(ARGUMENT_GROUPS, parser.parse_dict({k: v for k, v in raw.items() if k in own})))
+    except (TypeError, ValueError) as e:  # a dataclass refusing a value
+        raise ConfigError(f"{source}: {e}") from None
+    model = parsed["model"]
     if model.vision_mode == "roi":  # ROI tile features are tile features: the model is `wsi` or `none`
         model.vision_mode = "wsi" if model.vision_tower else "none"
-    cfg = TrainConfig(model, DataArguments(**values["data"]),
-                      FinetuningArguments(**values["finetuning"]), training, source, Path(base_dir).resolve(),
-                      ContrastiveArguments(**values["contrastive"]))
+    cfg = TrainConfig(model, parsed["data"], parsed["finetuning"], training, source, Path(base_dir).resolve(),
+                      parsed["contrastive"])
     check_config(cfg)
     return cfg
+
+
+def arguments_for(target: type, *sources: Any, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``target`` (a dataclass, e.g. ``WsiLlavaConfig`` or ``SlideTextConfig``):
+    every field of the argument dataclasses ``sources`` that ``target`` also declares, by name (later
+    sources win), then ``overrides`` (values computed by the caller, or fields whose argument has
+    another name). An override ``target`` does not declare is a ``TypeError``."""
+    names = {f.name for f in dataclasses.fields(target) if f.init}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"{target.__name__} has no field(s) {unknown}")
+    out = {}
+    for source in sources:
+        out.update({f.name: getattr(source, f.name) for f in dataclasses.fields(source) if f.name in names})
+    return {**out, **overrides}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -373,6 +413,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: use_unsloth: true is not supported; set it to false")
     if m.vision_model_name != "gigapath":
         raise ConfigError(f"{where}: vision_model_name {m.vision_model_name!r}; only 'gigapath' is available")
+    try:
+        SelectOptions.from_mapping(m.select_options)
+    except ValueError as e:
+        raise ConfigError(f"{where}: select_options: {e}") from None
     for key, what in NO_EMPTY_KEYS.items():
         value = getattr(m, key)
         if isinstance(value, str) and not value.strip():
@@ -429,7 +473,7 @@ def config_reference() -> str:
     import inspect
 
     lines = []
-    for cls in (ModelArguments, DataArguments, FinetuningArguments, ContrastiveArguments):
+    for cls in ARGUMENT_GROUPS.values():
         src = inspect.getsource(cls)
         docs: dict[str, str] = {}
         body = ast.parse(src).body[0].body
