@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -89,6 +90,53 @@ def filter_invalid(records: list[Record], expected_dim: int | None, skip_invalid
     kept = [r for r in records if (r.source, r.row) not in bad]
     logger.warning("skipping %d invalid row(s); listed in %s", len(records) - len(kept), out_dir / "skipped.jsonl")
     return kept
+
+
+@dataclass
+class RunStart:
+    """The common start of a training run (:func:`start_run`)."""
+
+    training: dict
+    """``TrainingArguments`` keyword arguments, ``output_dir`` made absolute."""
+    out_dir: Path
+    identity: dict
+    """The config identity recorded in the completion marker (:func:`~wsi_llava.train.final.config_identity`)."""
+    seed: int
+    finished: bool
+    """The run is complete already: nothing is read beyond the marker, nothing written, nothing seeded."""
+
+
+def start_run(cfg: TrainConfig, config_dump: dict) -> RunStart:
+    """Resolve the output folder, check the completion marker against ``config_dump`` and, unless the run
+    is finished, seed every generator (``seed``, default 42)."""
+    from transformers import set_seed
+
+    training = dict(cfg.training)
+    out_dir = Path(cfg.resolve(training["output_dir"]))
+    training["output_dir"] = str(out_dir)
+    identity = final.config_identity(config_dump)
+    seed = int(training.get("seed", 42))
+    finished = final.nothing_to_do(out_dir, identity, training.get("resume_from_checkpoint"))
+    if not finished:
+        set_seed(seed)
+    return RunStart(training, out_dir, identity, seed, finished)
+
+
+def trainer_arguments(cfg: TrainConfig, training: dict, has_eval: bool) -> tuple[dict, object, int | None]:
+    """``(kwargs, resume, checkpoint_limit)`` for ``TrainingArguments``: the precision this machine runs
+    (:func:`~wsi_llava.precision.training_precision`), no reporting unless asked, no evaluation without an
+    evaluation set; ``resume_from_checkpoint`` (true or a path, resolved by ``find_resume``) and
+    ``save_total_limit`` (rotation over complete checkpoints) taken out for the crash-safe trainers."""
+    from ..precision import training_precision
+
+    training = training_precision(training, force=cfg.finetuning.force_precision)
+    training.setdefault("report_to", "none")
+    if not has_eval:
+        training["eval_strategy"] = "no"
+        training["load_best_model_at_end"] = False
+    resume = training.pop("resume_from_checkpoint", None)
+    checkpoint_limit = training.pop("save_total_limit", None)
+    return training, resume, checkpoint_limit
 
 
 def build_model(cfg: TrainConfig, feature_dim: int):
@@ -188,19 +236,14 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
 
 def run_sft(cfg: TrainConfig) -> Path:
     """Train stage 2 or 3 as configured; returns the output folder holding the final model."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import TrainingArguments
 
-    from ..precision import training_precision
     from .trainer import EpochCallback, WsiTrainer
 
-    training = dict(cfg.training)
-    out_dir = Path(cfg.resolve(training["output_dir"]))
-    training["output_dir"] = str(out_dir)
-    identity = final.config_identity(_config_dump(cfg))
-    if final.nothing_to_do(out_dir, identity, training.get("resume_from_checkpoint")):
-        return out_dir  # a finished run is final: nothing is read beyond the marker, nothing written
-    seed = int(training.get("seed", 42))
-    set_seed(seed)
+    run = start_run(cfg, _config_dump(cfg))
+    if run.finished:
+        return run.out_dir  # a finished run is final: nothing is read beyond the marker, nothing written
+    training, out_dir, identity, seed = run.training, run.out_dir, run.identity, run.seed
     train_records = load_records(resolve_datasets(cfg.data.dataset, cfg), cfg.data.split)
     eval_records = (load_records(resolve_datasets(cfg.data.eval_dataset, cfg), cfg.data.eval_split)
                     if cfg.data.eval_dataset else [])
@@ -229,13 +272,7 @@ def run_sft(cfg: TrainConfig) -> Path:
     eval_ds = (SlideQADataset(eval_records, builder, cfg.data.patches_per_wsi, feature_dim, training=False, seed=seed,
                               tower_cache=tower_cache)
                if eval_records else None)
-    training = training_precision(training, force=cfg.finetuning.force_precision)
-    training.setdefault("report_to", "none")
-    if not eval_ds:
-        training["eval_strategy"] = "no"
-        training["load_best_model_at_end"] = False
-    resume = training.pop("resume_from_checkpoint", None)  # true or a path; resolved by WsiTrainer.find_resume
-    checkpoint_limit = training.pop("save_total_limit", None)  # rotation over complete checkpoints (WsiTrainer)
+    training, resume, checkpoint_limit = trainer_arguments(cfg, training, bool(eval_ds))
     if training.get("gradient_checkpointing"):
         training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     args = TrainingArguments(remove_unused_columns=False, label_names=["labels"], **training)
