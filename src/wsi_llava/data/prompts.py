@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from ..config import SYSTEM_PROMPT_DEFAULT
+from ..arguments import SYSTEM_PROMPT_DEFAULT
 from ..errors import WsiLlavaError
 from .choices import ChoiceError, match_choice
 from .manifest import Record, option_lines
@@ -22,7 +22,7 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 def resolve_system_prompt(value: str | None) -> str | None:
-    """A configured ``system_prompt``: ``default`` (:data:`~wsi_llava.config.SYSTEM_PROMPT_DEFAULT`, the
+    """A configured ``system_prompt``: ``default`` (:data:`~wsi_llava.arguments.SYSTEM_PROMPT_DEFAULT`, the
     config's default) is :data:`DEFAULT_SYSTEM_PROMPT`; None or empty is no system message."""
     if value == SYSTEM_PROMPT_DEFAULT:
         return DEFAULT_SYSTEM_PROMPT
