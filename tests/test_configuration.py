@@ -102,3 +102,30 @@ def test_arguments_for_maps_argument_fields_by_name_without_a_hand_list():
     assert cfg.vision_feature_select_mode == "prumerge" and cfg.num_image_tokens == 10
     with pytest.raises(TypeError, match="no field"):
         arguments_for(WsiLlavaConfig, m, not_a_field=1)
+
+
+def test_slide_text_config_is_built_from_contrastive_arguments_by_name():
+    from dataclasses import fields
+
+    from wsi_llava.config import ContrastiveArguments
+    from wsi_llava.model.slide_text import SlideTextConfig
+
+    shared = {f.name for f in fields(SlideTextConfig)} - {f.name for f in fields(ContrastiveArguments)}
+    assert shared == {"freeze_slide_tower"}  # the one field whose argument has another name (freeze_vision_tower)
+    c = ContrastiveArguments(slide_pool="mean", projection_dim=8, init_temperature=0.1, freeze_text_tower=True,
+                             gather_across_processes=False)
+    heads = SlideTextConfig(**arguments_for(SlideTextConfig, c, freeze_slide_tower=True))
+    assert heads == SlideTextConfig(slide_pool="mean", projection_dim=8, init_temperature=0.1,
+                                    max_logit_scale=c.max_logit_scale, freeze_slide_tower=True,
+                                    freeze_text_tower=True, gather_across_processes=False)
+
+
+def test_stage2_build_refuses_a_misspelled_vision_config_key_naming_the_config(tiny_llm):
+    from wsi_llava.config import config_from_dict
+    from wsi_llava.train.run import build_model
+
+    cfg = config_from_dict({"llm_name_or_path": str(tiny_llm), "dataset": "d", "output_dir": "o", "vision_mode": "wsi",
+                            "vision_config": {**ENC, "embed_dm": 16}}, source="s2.yaml")
+    with pytest.raises(ConfigError, match=r"s2\.yaml: vision_config: unknown key\(s\) 'embed_dm' "
+                                          r"\(did you mean 'embed_dim'\?\)"):
+        build_model(cfg, 16)
