@@ -122,7 +122,7 @@ def start_run(cfg: TrainConfig, config_dump: dict) -> RunStart:
     return RunStart(training, out_dir, identity, seed, finished)
 
 
-def trainer_arguments(cfg: TrainConfig, training: dict, has_eval: bool) -> tuple[dict, object, int | None]:
+def trainer_arguments(cfg: TrainConfig, training: dict, has_eval: bool) -> tuple[dict, bool | str | None, int | None]:
     """``(kwargs, resume, checkpoint_limit)`` for ``TrainingArguments``: the precision this machine runs
     (:func:`~wsi_llava.precision.training_precision`), no reporting unless asked, no evaluation without an
     evaluation set; ``resume_from_checkpoint`` (true or a path, resolved by ``find_resume``) and
