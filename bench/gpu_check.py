@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from wsi_llava.model import dilated_attention as DA
+from wsi_llava.model import attention_lse, dilated_attention as DA
 from wsi_llava.model.slide_encoder import SlideEncoder, SlideEncoderConfig
 
 _PUBLISHED = SlideEncoderConfig()  # the published gigapath_slide_enc12l768d
@@ -59,7 +59,7 @@ def correctness(device: torch.device, n: int) -> list[tuple[str, float, bool]]:
         for dtype in (torch.bfloat16, torch.float32):
             got = DA.dilated_attention(*(t.to(device, dtype) for t in (q, k, v)), SEGMENTS, DILATIONS)
             err = (got.float().cpu() - ref).abs().max().item() / ref.abs().max().item()
-            fused = DA._fused_kernel(torch.empty(1, 1, 1, HEAD_DIM, device=device, dtype=dtype), None) is not None
+            fused = attention_lse._fused_kernel(torch.empty(1, 1, 1, HEAD_DIM, device=device, dtype=dtype), None) is not None
             rows.append((str(dtype).replace("torch.", ""), err, fused))
     return rows
 

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from wsi_llava.config import ConfigError, config_from_dict, config_reference, load_config, parse_overrides
+from wsi_llava.config import (
+    SYSTEM_PROMPT_DEFAULT,
+    ConfigError,
+    config_from_dict,
+    config_reference,
+    load_config,
+    parse_overrides,
+    translate_dialect,
+)
+from wsi_llava.errors import WsiLlavaError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -144,3 +153,75 @@ def test_vision_mode_roi_is_the_tile_feature_model():
     assert config_from_dict({**base, "vision_mode": "roi", "vision_tower": "t.pth"}).model.vision_mode == "wsi"
     with pytest.raises(ConfigError, match="'roi'"):
         config_from_dict({**base, "vision_mode": "image"})
+
+
+def test_select_options_are_checked_when_the_file_is_loaded(tmp_path):
+    """A misspelled selector option fails at load naming the file, not with a TypeError at the first step."""
+    p = tmp_path / "c.yaml"
+    p.write_text("llm_name_or_path: x\ndataset: d\noutput_dir: o\nvision_feature_select_mode: prumerge\n"
+                 "select_options: {merge_neighbour: 8}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: select_options: unknown key 'merge_neighbour'; "
+                                          r"did you mean 'merge_neighbours'\?") as err:
+        load_config(p)
+    assert isinstance(err.value, WsiLlavaError)
+    with pytest.raises(ConfigError, match=r"c\.yaml: select_options: merge_neighbours must be an int, got '8'"):
+        load_config(p, ["select_options={merge_neighbours: '8'}"])
+    with pytest.raises(ConfigError, match=r"select_options: expected a mapping"):
+        load_config(p, ["select_options=[1, 2]"])
+    ok = load_config(p, ["select_options={merge_neighbours: 8, budget: adaptive}"])
+    assert ok.model.select_options == {"merge_neighbours": 8, "budget": "adaptive"}
+
+
+def test_keys_are_parsed_by_hf_argument_parser_into_the_argument_dataclasses(monkeypatch):
+    from transformers import HfArgumentParser
+
+    calls = []
+    real = HfArgumentParser.parse_dict
+
+    def spy(self, args, allow_extra_keys=False):
+        calls.append(dict(args))
+        return real(self, args, allow_extra_keys=allow_extra_keys)
+
+    monkeypatch.setattr(HfArgumentParser, "parse_dict", spy)
+    cfg = config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o", "lora_rank": 4,
+                            "text_max_length": 9, "learning_rate": 0.1, "mm_use_im_start_end": False})
+    assert calls == [{"llm_name_or_path": "x", "dataset": "d", "lora_rank": 4, "text_max_length": 9}]
+    assert cfg.finetuning.lora_rank == 4 and cfg.contrastive.text_max_length == 9
+    assert cfg.training == {"output_dir": "o", "learning_rate": 0.1}  # the dead key is dropped
+
+
+def test_dialect_layer_renames_and_drops_only():
+    raw, dead = translate_dialect({"evaluation_strategy": "steps", "no_cuda": True, "warmup_ratio": 0.1,
+                                   "model_name_or_path": "custom_llava", "mm_use_im_patch_token": False,
+                                   "lora_rank": 4})
+    assert raw == {"eval_strategy": "steps", "use_cpu": True, "warmup_steps": 0.1, "lora_rank": 4}
+    assert dead == ["mm_use_im_patch_token"]
+    assert translate_dialect({"eval_strategy": "no", "evaluation_strategy": "steps"})[0] == {"eval_strategy": "no"}
+
+
+def test_relative_paths_resolve_against_the_working_directory_not_the_config_folder(tmp_path, monkeypatch):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "run").mkdir()
+    p = tmp_path / "cfgs" / "c.yaml"
+    p.write_text("llm_name_or_path: lm\ndataset: d\noutput_dir: o\n")
+    monkeypatch.chdir(tmp_path / "run")
+    cfg = load_config(p)
+    assert cfg.base_dir == (tmp_path / "run").resolve()
+    assert cfg.resolve(cfg.model.llm_name_or_path) == str((tmp_path / "run" / "lm").resolve())
+    assert cfg.resolve("") is None and cfg.resolve("/abs/x") == "/abs/x"
+
+
+def test_config_is_the_lowest_layer_and_the_default_system_prompt_is_resolved_by_data():
+    import subprocess
+    import sys
+
+    code = ("import sys, wsi_llava.config; bad = sorted(m for m in sys.modules if m.startswith('wsi_llava.') "
+            "and m.split('.')[1] not in ('arguments', 'config', 'errors', 'select_options')); print(bad); sys.exit(bool(bad))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    from wsi_llava.data.prompts import DEFAULT_SYSTEM_PROMPT, resolve_system_prompt
+
+    default = config_from_dict({"llm_name_or_path": "x", "dataset": "d", "output_dir": "o"}).model.system_prompt
+    assert default == SYSTEM_PROMPT_DEFAULT and resolve_system_prompt(default) == DEFAULT_SYSTEM_PROMPT
+    assert resolve_system_prompt("") is None and resolve_system_prompt(None) is None
+    assert resolve_system_prompt("Be brief.") == "Be brief."

@@ -20,7 +20,7 @@ from wsi_llava.cli import main as cli
 from wsi_llava.config import ConfigError, config_from_dict, config_reference
 from wsi_llava.data.manifest import Record, load_manifest
 from wsi_llava.data.slide_text import PairError, SlideTextCollator, build_pairs
-from wsi_llava.eval.retrieval import chance, ranks_of, slide_text_retrieval
+from wsi_llava.model.retrieval import chance, ranks_of, slide_text_retrieval
 from wsi_llava.model.export import export_tower, load_tower, read_tower_weights, save_tower, saved_tower_config
 from wsi_llava.model.slide_encoder import SlideEncoder, SlideEncoderConfig, load_slide_encoder
 from wsi_llava.model.slide_text import (

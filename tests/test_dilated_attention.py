@@ -294,7 +294,7 @@ def test_short_tail_without_autograd_equals_the_padded_computation(monkeypatch):
 def test_fused_kernels_are_self_checked_once_and_dropped_when_wrong(monkeypatch):
     """A device's fused kernel (the CUDA flash op on a GPU) is compared once with the public path;
     a kernel that disagrees or fails is not used (warning), so it can cost speed, never correctness."""
-    import wsi_llava.model.dilated_attention as DA
+    import wsi_llava.model.attention_lse as DA
 
     monkeypatch.setattr(DA, "_VERIFIED", {})
     cpu = torch.device("cpu")

@@ -126,12 +126,22 @@ def test_padding_content_is_irrelevant(name, opts):
 
 
 @pytest.mark.parametrize("name,opts", ALL_OPTIONS)
-def test_deterministic_and_training_flag_changes_nothing(name, opts):
+def test_deterministic(name, opts):
     batch = make_batch(2, 50, 5, [50, 31], seed=3)
-    a = run(name, batch, 12, options=opts, training=False)
-    b = run(name, batch, 12, options=opts, training=True)
+    a = run(name, batch, 12, options=opts)
+    b = run(name, batch, 12, options=opts)
     assert torch.equal(a.indices, b.indices)
     assert torch.equal(a.tokens, b.tokens)
+
+
+def test_every_selector_has_the_one_signature_without_a_training_flag():
+    import inspect
+
+    want = ["tokens", "mask", "k", "cls_attention", "keys", "query", "coords", "generator", "options"]
+    for name, selector in SELECTORS.items():
+        assert list(inspect.signature(selector).parameters) == want, name
+    with pytest.raises(TypeError, match="training"):
+        run("none", make_batch(1, 5, 4, [5]), 2, training=True)
 
 
 def test_spatial_order_is_default():
@@ -424,6 +434,23 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="did you mean 'merge_neighbours'"):
         SelectOptions.from_mapping({"merge_neighbors": 16})
     assert SelectOptions.from_mapping({"budget": "adaptive"}).budget == "adaptive"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"merge_neighbours": "8"}, "merge_neighbours must be an int, got '8'"),
+    ({"merge_neighbours": 2.5}, "merge_neighbours must be an int"),
+    ({"merge_neighbours": True}, "merge_neighbours must be an int"),
+    ({"similarity_weighting": 1}, "similarity_weighting must be a bool"),
+    ({"iqr_whisker": "wide"}, "iqr_whisker must be a float"),
+    ({"budget": 3}, "budget must be a str"),
+])
+def test_select_options_from_mapping_checks_value_types(values, message):
+    with pytest.raises(ValueError, match=message):
+        SelectOptions.from_mapping(values)
+
+
+def test_select_options_from_mapping_accepts_an_int_for_a_float():
+    assert SelectOptions.from_mapping({"iqr_whisker": 2, "plus_topk_fraction": 1}).iqr_whisker == 2
 
 
 def test_feature_outlier_finds_the_tiles_unlike_their_slide_whatever_the_slide_offset():

@@ -14,9 +14,15 @@ from wsi_llava.model.slide_encoder import (
     SlideEncoder,
     SlideEncoderConfig,
     load_slide_encoder,
-    position_index,
     sincos_position_rows,
 )
+
+
+def position_index(coords: torch.Tensor, slide_ngrids: int = 1000, tile_size: int = 256) -> torch.Tensor:
+    """The original's position-table row: floor(x/256) * slide_ngrids + floor(y/256) + 1 → int64 [...]
+    (a test oracle: the encoder computes positions from the coordinates, :func:`sincos_position_rows`)."""
+    g = torch.floor(coords.to(torch.float64) / float(tile_size))
+    return (g[..., 0] * slide_ngrids + g[..., 1]).long() + 1
 
 SMALL = dict(num_heads=16, slide_ngrids=64, segment_lengths=[1024, 1448, 2048, 2896, 4096])
 

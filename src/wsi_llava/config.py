@@ -1,12 +1,19 @@
-"""Training configuration: dataclasses and a YAML loader for the LLaMA-Factory dialect.
+"""Training configuration: the YAML loader for the LLaMA-Factory dialect (the argument dataclasses are
+in :mod:`wsi_llava.arguments`).
 
-A config file is one flat YAML mapping (LLaMA-Factory style). Its keys are split into
-:class:`ModelArguments`, :class:`DataArguments`, :class:`FinetuningArguments` and the Hugging Face
-``TrainingArguments``. Keys that transformers 5 removed are translated (``warmup_ratio`` →
+A config file is one flat YAML mapping (LLaMA-Factory style). Its keys are parsed into
+:class:`ModelArguments`, :class:`DataArguments`, :class:`FinetuningArguments` and
+:class:`ContrastiveArguments` by ``transformers.HfArgumentParser.parse_dict`` (as LLaMA-Factory
+does); the remaining keys are kept for the Hugging Face ``TrainingArguments``, which the trainers
+build once they have adjusted them. Keys that transformers 5 removed are translated (``warmup_ratio`` →
 ``warmup_steps`` as a ratio, ``no_cuda`` → ``use_cpu``, ``evaluation_strategy`` → ``eval_strategy``,
 ``overwrite_output_dir`` dropped); keys of the original WSI-LLaVA/LLaMA-Factory configs that have no
 effect here are accepted with one warning; any other unknown key is an error with a "did you mean"
-suggestion. ``key=value`` overrides from the command line are applied on top (values parsed as YAML).
+suggestion. ``key=value`` overrides from the command line are applied on top (values parsed as YAML;
+YAML 1.1's ``yes``/``no``/``on``/``off`` stay words for keys that are not booleans). ``select_options``
+are checked against :class:`~wsi_llava.select_options.SelectOptions` when the file is loaded. This is
+the lowest layer: it imports nothing else of the package but the errors, the argument dataclasses and the
+selector options.
 """
 
 from __future__ import annotations
@@ -20,168 +27,25 @@ from typing import Any
 
 import yaml
 
-from .data.prompts import DEFAULT_SYSTEM_PROMPT
+from .arguments import (
+    SYSTEM_PROMPT_DEFAULT,
+    ContrastiveArguments,
+    DataArguments,
+    FinetuningArguments,
+    ModelArguments,
+)
 from .errors import WsiLlavaError
+from .select_options import SelectOptions
+
+__all__ = ["SYSTEM_PROMPT_DEFAULT", "ConfigError", "ContrastiveArguments", "DataArguments", "FinetuningArguments",
+           "ModelArguments", "TrainConfig", "arguments_for", "config_from_dict", "config_reference", "load_config",
+           "parse_overrides", "translate_dialect"]
 
 logger = logging.getLogger(__name__)
 
 
 class ConfigError(WsiLlavaError, ValueError):
     """An invalid configuration (names the file and key)."""
-
-
-@dataclass
-class ModelArguments:
-    """Which models to build and how the visual path is shaped."""
-
-    llm_name_or_path: str | None = None
-    """Local folder of a Hugging Face causal LM (e.g. Llama-3.2-1B-Instruct). Required unless
-    ``model_name_or_path`` is a saved WSI-LLaVA folder."""
-    model_name_or_path: str | None = None
-    """A saved WSI-LLaVA folder to start from. The seed's placeholder value ``custom_llava`` means
-    "build a new model from ``llm_name_or_path``"."""
-    vision_mode: str = "none"
-    """``none``: tile features enter the projector directly; ``wsi``: the GigaPath slide encoder; ``roi``: tile
-    features from an ROI image, produced by ``wsi-llava encode-roi`` (the model is then ``wsi`` when a
-    ``vision_tower`` is given, else ``none``)."""
-    vision_tower: str | None = None
-    """Slide-encoder weights (``slide_encoder.pth``, a state dict or safetensors) for ``vision_mode: wsi``;
-    absent = random init (tests; logged as a warning); an empty value is an error."""
-    vision_model_name: str = "gigapath"
-    """Name of the slide encoder; only ``gigapath`` exists."""
-    vision_config: dict = field(default_factory=dict)
-    """Overrides of ``SlideEncoderConfig`` fields (e.g. ``in_dim`` for non-GigaPath tile features)."""
-    tower_cache: str | None = None
-    """Folder written by ``wsi-llava encode``: precomputed tower outputs used instead of running the tower."""
-    mm_hidden_size: int | None = None
-    """Width of the tokens entering the projector; default: the tile feature width (``none``) or the
-    encoder width (``wsi``)."""
-    mm_projector_type: str = "mlp2x_gelu"
-    """Projector architecture; only ``mlp2x_gelu``."""
-    mm_vision_select_layer: int = -1
-    """Tower state fed to the projector: -1 = final normalised tokens; i = ``hidden_states[i]``."""
-    image_seq_length: int = 64
-    """Visual tokens per slide chosen by the selector (the budget K)."""
-    use_cls_token: bool = False
-    """Also feed the tower's CLS token (``wsi`` only): the prompt holds K + 1 visual tokens."""
-    vision_feature_select_mode: str = "random_sample"
-    """Token selector: ``none``, ``random_sample``, ``prumerge``, ``prumerge_plus``, ``prompt_topk``,
-    ``feature_outlier`` (docs/selection.md)."""
-    select_options: dict = field(default_factory=dict)
-    """Selector knobs (``SelectOptions`` fields)."""
-    projector_dropout: float = 0.0
-    """Dropout inside the projector."""
-    gamma_min: float = 1.0
-    """Lower bound of the projector's output scale."""
-    gamma_max: float = 1.0
-    """Upper bound of the projector's output scale."""
-    projector_path: str | None = None
-    """``projector.safetensors`` from stage 2 to start stage 3 from (strict); an empty value is an error."""
-    freeze_vision_tower: bool = True
-    """Keep the slide encoder frozen (eval mode, no gradients)."""
-    freeze_language_model: bool = True
-    """With ``finetuning_type: full``: keep the LM frozen (stage 2)."""
-    freeze_multi_modal_projector: bool = False
-    """Keep the projector frozen."""
-    chat_template: str | None = None
-    """A Jinja chat template for tokenizers that have none."""
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    """System message of every prompt (empty = none)."""
-    trust_remote_code: bool = False
-    """Accepted for compatibility; remote code is never executed."""
-
-
-@dataclass
-class DataArguments:
-    """Where the data is and how examples are built."""
-
-    dataset: str | None = None
-    """Training manifests: comma-separated paths (CSV or sharegpt JSON) or names in ``dataset_dir``
-    (``NAME.csv``/``NAME.json`` or an entry of ``dataset_info.json``)."""
-    eval_dataset: str | None = None
-    """Evaluation manifests, same form as ``dataset``."""
-    dataset_dir: str = "."
-    """Folder that relative dataset names resolve against (relative paths in a config resolve against
-    the working directory, as in LLaMA-Factory)."""
-    split: str | None = None
-    """Keep only rows whose ``split`` column equals this (training manifests only)."""
-    eval_split: str | None = None
-    """Keep only rows whose ``split`` column equals this (evaluation manifests only)."""
-    patches_per_wsi: int = 2048
-    """Tiles sampled per slide (all when the slide has fewer)."""
-    cutoff_len: int = 2048
-    """Longest example in tokens; answers are truncated, prompts never (too-long prompt = error)."""
-    template: str | None = None
-    """LLaMA-Factory template name; recorded only: the LM tokenizer's own chat template is used."""
-    skip_invalid: bool = False
-    """Skip rows that fail validation (listed in ``OUTPUT/skipped.jsonl``) instead of refusing to train."""
-
-
-@dataclass
-class FinetuningArguments:
-    """What trains."""
-
-    stage: str = "sft"
-    """``sft`` (stages 2 and 3: projector alignment / instruction tuning) or ``contrastive`` (stage 1)."""
-    finetuning_type: str = "lora"
-    """``lora`` (PEFT adapters on the LM + projector), ``full`` (LM trainable unless
-    ``freeze_language_model``) or ``freeze`` (only the last ``freeze_trainable_layers`` LM layers)."""
-    freeze_trainable_layers: int = 2
-    """With ``finetuning_type: freeze``: how many final LM layers train."""
-    lora_target: Any = "all"
-    """LoRA target module names (list or comma string); ``all`` = every Linear of the LM. Projector
-    names (``linear_1``, ``linear_2``) are not wrapped: the projector trains fully instead."""
-    lora_rank: int = 8
-    """LoRA rank."""
-    lora_alpha: int | None = None
-    """LoRA alpha (default 2 × rank)."""
-    lora_dropout: float = 0.0
-    """LoRA dropout."""
-    loraplus_lr_ratio: float | None = None
-    """LoRA+: learning-rate multiplier of the LoRA B matrices."""
-    create_new_adapter: bool = False
-    """Accepted for compatibility: stage 3 always starts a new adapter."""
-    use_unsloth: bool = False
-    """Not supported; must be false."""
-    do_sanity_check: bool = False
-    """At each evaluation also log ``eval_sanity_check_loss``: the eval loss with zeroed slide features."""
-    plot_loss: bool = False
-    """Write ``training_loss.png`` to the output folder at the end."""
-    force_precision: bool = False
-    """``bf16``/``fp16`` mean "where this machine runs them fast" (a CPU without native bf16 trains in
-    float32, with one log line why; see :mod:`wsi_llava.precision`). True: use them as asked."""
-
-
-@dataclass
-class ContrastiveArguments:
-    """Stage 1 (``stage: contrastive``): slide–text contrastive pretraining of the slide encoder.
-
-    The slide tower is the GigaPath encoder (``vision_tower`` weights or random init, shaped by
-    ``vision_config``; frozen with ``freeze_vision_tower``); the text tower is any Hugging Face text
-    model from a local folder. See ``docs/stage1.md``."""
-
-    text_model_name_or_path: str | None = None
-    """Local folder of a Hugging Face text model + tokenizer (``AutoModel``); required for stage 1."""
-    text_max_length: int = 256
-    """Report tokens kept per text (longer reports are truncated; the count is logged)."""
-    slide_pool: str = "cls"
-    """Slide embedding: ``cls`` (head ``norm`` of the CLS token) or ``mean`` (of the real tile tokens)."""
-    projection_dim: int = 512
-    """Width of the shared embedding space (a bias-free Linear per tower); 0 = no projection (both
-    towers must then have the same width)."""
-    init_temperature: float = 0.07
-    """Initial softmax temperature; the learnable logit scale starts at ln(1 / this)."""
-    max_logit_scale: float = 4.605170185988092
-    """Upper clamp of the learnable logit scale (ln 100, i.e. temperature >= 0.01)."""
-    contrastive_positives: str = "pair"
-    """``pair``: a slide's own reports (and identical report texts) are its positives; ``case``: also
-    every report of the same ``case_id`` (rows without ``case_id`` fall back to ``slide_id``)."""
-    freeze_text_tower: bool = False
-    """Keep the text tower frozen (eval mode, no gradients); only the projections (and the slide tower,
-    unless ``freeze_vision_tower``) train."""
-    gather_across_processes: bool = True
-    """Under ``torchrun``: every process scores its slides and texts against the batches of all
-    processes (more negatives; gradients flow through the gather)."""
 
 
 #: Keys of the seed/LLaMA-Factory configs that have no effect here (accepted with one warning).
@@ -213,12 +77,13 @@ class TrainConfig:
     source: str = "<dict>"
     """Where the config came from."""
     base_dir: Path = Path(".")
-    """Folder relative paths resolve against: the working directory, as in LLaMA-Factory."""
+    """Folder relative paths resolve against: :func:`load_config` gives the working directory (as in
+    LLaMA-Factory), not the config file's folder."""
     contrastive: ContrastiveArguments = field(default_factory=ContrastiveArguments)
     """Stage-1 settings (used with ``stage: contrastive``)."""
 
     def resolve(self, path: str | None) -> str | None:
-        """A path from the config, made absolute against the config's folder."""
+        """A path from the config, made absolute against :attr:`base_dir` (None for an absent or empty one)."""
         if path is None or path == "":
             return None
         p = Path(path).expanduser()
@@ -238,7 +103,7 @@ def _declared_type(key: str) -> str | None:
     from transformers import TrainingArguments
 
     key = RENAMED_KEYS.get(key, key)
-    for cls in (ModelArguments, DataArguments, FinetuningArguments, ContrastiveArguments, TrainingArguments):
+    for cls in (*ARGUMENT_GROUPS.values(), TrainingArguments):
         for f in dataclasses.fields(cls):
             if f.name == key:
                 return f.type if isinstance(f.type, str) else str(f.type)
@@ -304,15 +169,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str | Path = ".") -> TrainConfig:
-    """Split a flat LLaMA-Factory-style mapping into a :class:`TrainConfig` (see module docstring)."""
-    groups = {"model": ModelArguments, "data": DataArguments, "finetuning": FinetuningArguments,
-              "contrastive": ContrastiveArguments}
-    names = {g: {f.name for f in dataclasses.fields(c)} for g, c in groups.items()}
-    train_names = _training_argument_names()
-    values: dict[str, dict] = {g: {} for g in groups}
-    training: dict[str, Any] = {}
-    dead, unknown = [], []
+#: The argument dataclasses a config file fills, by :class:`TrainConfig` attribute.
+ARGUMENT_GROUPS = {"model": ModelArguments, "data": DataArguments, "finetuning": FinetuningArguments,
+                   "contrastive": ContrastiveArguments}
+
+
+def translate_dialect(raw: dict[str, Any], source: str = "<dict>") -> tuple[dict[str, Any], list[str]]:
+    """The LLaMA-Factory / transformers-4 dialect → current keys: ``warmup_ratio`` becomes
+    ``warmup_steps`` as a ratio, :data:`RENAMED_KEYS` are renamed (an explicit new key wins), the
+    ``custom_llava`` placeholder of ``model_name_or_path`` is dropped, :data:`DEAD_KEYS` are removed.
+    Returns the translated mapping and the dead keys found (sorted)."""
     raw = dict(raw)
     if "warmup_ratio" in raw:
         ratio = raw.pop("warmup_ratio")
@@ -325,25 +191,33 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str 
             raw.setdefault(new, raw.pop(old))
     if raw.get("model_name_or_path") == "custom_llava":
         raw.pop("model_name_or_path")
-    for key, value in raw.items():
-        group = next((g for g, n in names.items() if key in n), None)
-        if group is not None:
-            values[group][key] = value
-        elif key in train_names:
-            training[key] = value
-        elif key in DEAD_KEYS:
-            dead.append(key)
-        else:
-            unknown.append(key)
+    dead = sorted(k for k in raw if k in DEAD_KEYS)
+    for key in dead:
+        raw.pop(key)
+    return raw, dead
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str | Path = ".") -> TrainConfig:
+    """A flat LLaMA-Factory-style mapping → :class:`TrainConfig` (see module docstring): the dialect
+    translated (:func:`translate_dialect`), unknown keys refused with a "did you mean", the keys of
+    :data:`ARGUMENT_GROUPS` parsed into their dataclasses by ``transformers.HfArgumentParser.parse_dict``,
+    every other key kept for ``TrainingArguments``; then :func:`check_config`."""
+    from transformers import HfArgumentParser
+
+    raw, dead = translate_dialect(raw, source)
+    own = {f.name for cls in ARGUMENT_GROUPS.values() for f in dataclasses.fields(cls)}
+    train_names = _training_argument_names()
+    unknown = [k for k in raw if k not in own and k not in train_names]
     if unknown:
-        known = set().union(*names.values(), train_names, DEAD_KEYS, RENAMED_KEYS, {"warmup_ratio"})
+        known = own | train_names | DEAD_KEYS | set(RENAMED_KEYS) | {"warmup_ratio"}
         msgs = []
         for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
             msgs.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"{source}: unknown config key(s): {', '.join(msgs)}")
     if dead:
-        logger.warning("%s: ignoring keys that have no effect in WSI-LLaVA: %s", source, ", ".join(sorted(dead)))
+        logger.warning("%s: ignoring keys that have no effect in WSI-LLaVA: %s", source, ", ".join(dead))
+    training = {k: v for k, v in raw.items() if k not in own}
     ds = training.get("deepspeed")
     if isinstance(ds, str) and ds and not ds.lstrip().startswith("{"):  # a DeepSpeed JSON file, as LLaMA-Factory
         path = Path(base_dir, ds).expanduser().resolve()
@@ -351,14 +225,33 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: str 
             raise ConfigError(f"{source}: deepspeed: {path} not found (configs/ds_zero2.json and "
                               f"configs/ds_zero3.json ship with the repository)")
         training["deepspeed"] = str(path)
-    model = ModelArguments(**values["model"])
+    parser = HfArgumentParser(list(ARGUMENT_GROUPS.values()))
+    try:
+        parsed = dict(zip(ARGUMENT_GROUPS, parser.parse_dict({k: v for k, v in raw.items() if k in own})))
+    except (TypeError, ValueError) as e:  # a dataclass refusing a value
+        raise ConfigError(f"{source}: {e}") from None
+    model = parsed["model"]
     if model.vision_mode == "roi":  # ROI tile features are tile features: the model is `wsi` or `none`
         model.vision_mode = "wsi" if model.vision_tower else "none"
-    cfg = TrainConfig(model, DataArguments(**values["data"]),
-                      FinetuningArguments(**values["finetuning"]), training, source, Path(base_dir).resolve(),
-                      ContrastiveArguments(**values["contrastive"]))
+    cfg = TrainConfig(model, parsed["data"], parsed["finetuning"], training, source, Path(base_dir).resolve(),
+                      parsed["contrastive"])
     check_config(cfg)
     return cfg
+
+
+def arguments_for(target: type, *sources: Any, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``target`` (a dataclass, e.g. ``WsiLlavaConfig`` or ``SlideTextConfig``):
+    every field of the argument dataclasses ``sources`` that ``target`` also declares, by name (later
+    sources win), then ``overrides`` (values computed by the caller, or fields whose argument has
+    another name). An override ``target`` does not declare is a ``TypeError``."""
+    names = {f.name for f in dataclasses.fields(target) if f.init}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"{target.__name__} has no field(s) {unknown}")
+    out = {}
+    for source in sources:
+        out.update({f.name: getattr(source, f.name) for f in dataclasses.fields(source) if f.name in names})
+    return {**out, **overrides}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -373,6 +266,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"{where}: use_unsloth: true is not supported; set it to false")
     if m.vision_model_name != "gigapath":
         raise ConfigError(f"{where}: vision_model_name {m.vision_model_name!r}; only 'gigapath' is available")
+    try:
+        SelectOptions.from_mapping(m.select_options)
+    except ValueError as e:
+        raise ConfigError(f"{where}: select_options: {e}") from None
     for key, what in NO_EMPTY_KEYS.items():
         value = getattr(m, key)
         if isinstance(value, str) and not value.strip():
@@ -429,7 +326,7 @@ def config_reference() -> str:
     import inspect
 
     lines = []
-    for cls in (ModelArguments, DataArguments, FinetuningArguments, ContrastiveArguments):
+    for cls in ARGUMENT_GROUPS.values():
         src = inspect.getsource(cls)
         docs: dict[str, str] = {}
         body = ast.parse(src).body[0].body

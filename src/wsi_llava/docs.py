@@ -12,7 +12,7 @@ from .config import config_reference
 
 def sections() -> dict[str, str]:
     """Marker name → generated Markdown."""
-    return {"config-reference": "## Config reference\n\nGenerated from the dataclasses in `wsi_llava/config.py` "
+    return {"config-reference": "## Config reference\n\nGenerated from the dataclasses in `wsi_llava/arguments.py` "
                                 "(`python -m wsi_llava.docs README.md`). Every other key is passed to "
                                 "`transformers.TrainingArguments`.\n\n" + config_reference()}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from ..arguments import SYSTEM_PROMPT_DEFAULT
 from ..errors import WsiLlavaError
 from .choices import ChoiceError, match_choice
 from .choices import option_lines
@@ -19,6 +20,14 @@ IGNORE_INDEX = -100
 DEFAULT_SYSTEM_PROMPT = (
     "You are a pathology assistant. Answer questions about the whole-slide image you are shown."
 )
+
+
+def resolve_system_prompt(value: str | None) -> str | None:
+    """A configured ``system_prompt``: ``default`` (:data:`~wsi_llava.arguments.SYSTEM_PROMPT_DEFAULT`, the
+    config's default) is :data:`DEFAULT_SYSTEM_PROMPT`; None or empty is no system message."""
+    if value == SYSTEM_PROMPT_DEFAULT:
+        return DEFAULT_SYSTEM_PROMPT
+    return value or None
 
 #: Prompts for caption-only (report) rows; one is chosen per slide by a stable hash of its id.
 REPORT_PROMPTS = (
@@ -90,7 +99,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.num_image_tokens = int(num_image_tokens)
         self.cutoff_len = int(cutoff_len)
-        self.system_prompt = system_prompt
+        self.system_prompt = resolve_system_prompt(system_prompt)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise PromptError(f"the tokenizer has no {IMAGE_TOKEN} token; add it as a special token first")

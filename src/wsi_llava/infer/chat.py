@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
 
         encoder = load_tile_encoder(args.tile_weights, args.tile_encoder)
         cfg = assistant.model.config
-        want = cfg.vision_config.get("in_dim", cfg.mm_hidden_size)
+        want = cfg.feature_dim
         if encoder.embed_dim != want:
             raise SystemExit(f"--tile-weights {args.tile_weights}: the tile encoder gives {encoder.embed_dim}-d "
                              f"features, the model takes {want}-d tile features")

@@ -208,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
         encoder, slides, precision = tower_job(args, device)
         attrs = {"pool": args.pool, "vision_tower": str(args.vision_tower),
                  "patches_per_wsi": int(args.patches_per_wsi),
-                 "slide_encoder_config": json.dumps(encoder.config.to_dict())}
+                 "slide_encoder_config": json.dumps(encoder.config.architecture())}
         if sh is not None:
             return _embed_sharded(sh, args, encoder, slides, device, precision, attrs)
         emb, n_tiles = embed_slides(encoder, slides, args.patches_per_wsi or None, args.pool, args.batch_size, device,

@@ -89,7 +89,7 @@ class SlideAssistant:
             n = read_slide_meta(path)[0] if Path(path).is_file() else None  # the H5 is optional here
             return self.tower_cache.read(slide_id, self.patches_per_wsi, rng=None, where=str(path), n_tiles=n)
         return load_slide(str(path), self.patches_per_wsi, rng=None,
-                          expected_dim=self.model.config.vision_config.get("in_dim", self.model.config.mm_hidden_size))
+                          expected_dim=self.model.config.feature_dim)
 
     @torch.inference_mode()
     def answer(self, slides: list[Slide], questions: list[str], histories: list[list[tuple[str, str]]] | None = None,

@@ -289,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
 
             cfg = assistant.model.config
             rois = RoiSlides(args.tile_weights, args.tile_encoder, assistant.patches_per_wsi,
-                             cfg.vision_config.get("in_dim", cfg.mm_hidden_size))
+                             cfg.feature_dim)
         if sh is None:
             counts = predict(assistant, records, out, args.batch_size, settings, args.ablate, args.explain,
                              rois=rois)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from ..errors import MissingFileError
 from ..fileio import publishing
-from .slide_encoder import SlideEncoder, SlideEncoderConfig, load_slide_encoder
+from .configuration import SlideEncoderConfig
+from .slide_encoder import SlideEncoder, load_slide_encoder
 
 #: Key prefixes under which trained models hold the slide encoder (stage 1, stage 2/3).
 TOWER_PREFIXES = ("slide_tower.", "vision_tower.")
@@ -122,7 +122,8 @@ def saved_tower_config(path: str | os.PathLike) -> dict:
 
 
 def _config_fields(config: dict) -> dict:
-    known = {f.name for f in fields(SlideEncoderConfig)}
+    """The encoder fields of a stored config (a saved ``vision_config`` also holds ``model_type`` …)."""
+    known = SlideEncoderConfig.field_names()
     return {k: v for k, v in config.items() if k in known}
 
 
@@ -147,7 +148,7 @@ def save_tower(encoder: SlideEncoder, out: str | os.PathLike) -> Path:
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(encoder.config.to_dict())}
+            meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(encoder.config.architecture())}
             save_file(sd, str(tmp), metadata=meta)
         else:
             torch.save({"model": sd}, str(tmp))
@@ -159,7 +160,7 @@ def export_tower(checkpoint: str | os.PathLike, out: str | os.PathLike, **overri
     """Extract, check, write and re-load the slide encoder of ``checkpoint``; returns the encoder."""
     encoder = load_tower(checkpoint, **overrides)
     save_tower(encoder, out)
-    again = load_slide_encoder(out, **_config_fields(encoder.config.to_dict()))
+    again = load_slide_encoder(out, **encoder.config.architecture())
     for (k, a), b in zip(encoder.state_dict().items(), again.state_dict().values()):
         if not torch.equal(a, b):  # pragma: no cover - a broken file system
             raise RuntimeError(f"{out}: tensor {k} differs after writing")

@@ -15,8 +15,8 @@ from .slide_encoder import SlideEncoderConfig
 def stage2_snippet(path: str | os.PathLike, config: SlideEncoderConfig) -> str:
     """The stage-2 YAML lines that use an exported tower (``vision_config`` lists the non-default
     architecture fields; ``in_dim`` is set from the tile features)."""
-    default = SlideEncoderConfig().to_dict()
-    changed = {k: v for k, v in config.to_dict().items() if v != default[k] and k != "in_dim"}
+    default = SlideEncoderConfig().architecture()
+    changed = {k: v for k, v in config.architecture().items() if v != default[k] and k != "in_dim"}
     lines = ["vision_mode: wsi", f"vision_tower: {path}"]
     if changed:
         lines.append("vision_config: " + json.dumps(changed))

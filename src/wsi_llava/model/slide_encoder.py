@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import MissingFileError
+from .configuration import SlideEncoderConfig
 from .dilated_attention import dilated_attention
 
 __all__ = [
@@ -36,79 +37,8 @@ __all__ = [
     "SlideEncoderConfig",
     "SlideEncoderOutput",
     "load_slide_encoder",
-    "position_index",
     "sincos_position_rows",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class SlideEncoderConfig:
-    """Architecture of the slide encoder. Defaults are the published ``gigapath_slide_enc12l768d``."""
-
-    in_dim: int = 1536
-    """Width of the tile features (1536 for the Prov-GigaPath tile encoder)."""
-    embed_dim: int = 768
-    """Token width D; must be divisible by ``num_heads`` and by 4 (2-D sin-cos positions)."""
-    depth: int = 12
-    """Number of LongNet blocks."""
-    num_heads: int = 16
-    """Attention heads per block."""
-    mlp_ratio: float = 4.0
-    """FFN width = round(embed_dim * mlp_ratio)."""
-    slide_ngrids: int = 1000
-    """Grid side of the original position table; only used by :func:`position_index` (the original's
-    table row of a tile). Positions themselves are computed from the coordinates and have no limit."""
-    tile_size: int = 256
-    """Level-0 pixels per position-grid cell: grid = floor(coords / tile_size). The original always
-    divides by 256, so keep 256 for the published weights."""
-    segment_lengths: tuple[int, ...] = (1024, 5792, 32768, 185363, 1048576)
-    """LongNet segment length of each attention branch."""
-    dilations: tuple[int, ...] = (1, 2, 4, 8, 16)
-    """LongNet dilation of each attention branch (same length as ``segment_lengths``)."""
-    dropout: float = 0.0
-    """Dropout on the input tokens, the attention output and the FFN output (train mode only).
-    The original's default is 0.25 when fine-tuning; 0 here because the tower is usually frozen."""
-    drop_path_rate: float = 0.0
-    """Stochastic depth; block i drops with probability linspace(0, rate, depth)[i] (train mode only)."""
-    layernorm_eps: float = 1e-5
-    """Epsilon of every LayerNorm inside the encoder (``encoder.*``)."""
-    norm_eps: float = 1e-6
-    """Epsilon of the slide head ``norm``."""
-    ffn_chunk_tokens: int = 16384
-    """Without autograd, the FFN runs over this many tokens at a time to bound memory (0 = never chunk)."""
-
-    def __post_init__(self):
-        self.segment_lengths = tuple(int(s) for s in self.segment_lengths)
-        self.dilations = tuple(int(r) for r in self.dilations)
-        problems = []
-        if self.embed_dim % self.num_heads:
-            problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.embed_dim % 4:
-            problems.append(f"embed_dim {self.embed_dim} must be divisible by 4 for 2-D sin-cos positions")
-        if len(self.segment_lengths) != len(self.dilations) or not self.segment_lengths:
-            problems.append(f"segment_lengths {list(self.segment_lengths)} and dilations {list(self.dilations)} "
-                            "must be non-empty and of equal length")
-        if any(s < 1 for s in self.segment_lengths) or any(r < 1 for r in self.dilations):
-            problems.append("segment lengths and dilations must be >= 1")
-        for name in ("in_dim", "embed_dim", "depth", "num_heads", "tile_size", "slide_ngrids"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if problems:
-            raise ValueError("SlideEncoderConfig: " + "; ".join(problems))
-
-    @property
-    def ffn_dim(self) -> int:
-        return int(round(self.embed_dim * self.mlp_ratio))
-
-    def to_dict(self) -> dict:
-        """JSON-friendly dict (lists instead of tuples)."""
-        d = asdict(self)
-        d["segment_lengths"] = list(self.segment_lengths)
-        d["dilations"] = list(self.dilations)
-        return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,15 +47,6 @@ class SlideEncoderConfig:
 def _grid(coords: torch.Tensor, tile_size: int) -> torch.Tensor:
     """coords [..., 2] (x, y) level-0 px → integer grid cells [..., 2] (as float64)."""
     return torch.floor(coords.to(torch.float64) / float(tile_size))
-
-
-def position_index(coords: torch.Tensor, slide_ngrids: int = 1000, tile_size: int = 256) -> torch.Tensor:
-    """The original's position-table row: floor(x/256) * slide_ngrids + floor(y/256) + 1 → int64 [...].
-
-    Only for comparison with the original; the encoder itself uses :func:`sincos_position_rows`.
-    """
-    g = _grid(coords, tile_size)
-    return (g[..., 0] * slide_ngrids + g[..., 1]).long() + 1
 
 
 def _sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -305,7 +226,7 @@ class SlideEncoder(nn.Module):
         super().__init__()
         config = config or SlideEncoderConfig()
         if overrides:
-            config = replace(config, **overrides)
+            config = SlideEncoderConfig.from_fields(config.architecture(), **overrides)
         self.config = config
         self.patch_embed = PatchEmbed(config.in_dim, config.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
@@ -494,11 +415,7 @@ def load_slide_encoder(path_or_state_dict, **config_overrides) -> SlideEncoder:
     """
     where = "state dict" if isinstance(path_or_state_dict, Mapping) else str(path_or_state_dict)
     sd = _read_state_dict(path_or_state_dict)
-    known = {f.name for f in fields(SlideEncoderConfig)}
-    unknown = sorted(set(config_overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown SlideEncoderConfig field(s) {unknown}; known: {sorted(known)}")
-    cfg = SlideEncoderConfig(**{**_infer_config(sd), **config_overrides})
+    cfg = SlideEncoderConfig.from_fields(_infer_config(sd), **config_overrides)
     model = SlideEncoder(cfg)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))

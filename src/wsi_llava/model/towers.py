@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data.tower_output import TowerOutput
+from .configuration import SlideEncoderConfig
 
 __all__ = ["IdentityTower", "TowerOutput", "build_tower"]
 
@@ -35,12 +36,12 @@ class IdentityTower(nn.Module):
         return TowerOutput(tokens=features, hidden_states=(features,) if output_hidden_states else None)
 
 
-def build_tower(vision_mode: str, mm_hidden_size: int, vision_config: dict | None) -> nn.Module:
+def build_tower(vision_mode: str, mm_hidden_size: int, vision_config: SlideEncoderConfig | None) -> nn.Module:
     """A fresh (randomly initialised) tower for ``vision_mode``; weights are loaded afterwards."""
     if vision_mode == "none":
         return IdentityTower(mm_hidden_size)
     if vision_mode == "wsi":
-        from .slide_encoder import SlideEncoder, SlideEncoderConfig
+        from .slide_encoder import SlideEncoder
 
-        return SlideEncoder(SlideEncoderConfig(**(vision_config or {})))
+        return SlideEncoder(vision_config)
     raise ValueError(f"vision_mode {vision_mode!r} is not supported; use 'none' or 'wsi'")

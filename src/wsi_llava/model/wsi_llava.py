@@ -14,94 +14,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.models.auto import CONFIG_MAPPING
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 
 from ..data.prompts import IGNORE_INDEX, IMAGE_TOKEN
 from ..data.tower_output import TowerOutput
 from ..errors import MissingFileError
+from .configuration import WsiLlavaConfig
 from .projector import Projector
 from .select import SELECTORS, Selection, SelectOptions
 from .towers import build_tower
 
 logger = logging.getLogger(__name__)
-
-
-class WsiLlavaConfig(PretrainedConfig):
-    """Configuration of :class:`WsiLlavaForConditionalGeneration`.
-
-    Args:
-        text_config: the language model's config (dict or ``PretrainedConfig``).
-        vision_mode: ``"none"`` (tile features go straight to the projector) or ``"wsi"`` (GigaPath
-            slide encoder).
-        vision_config: slide-encoder config fields (``SlideEncoderConfig``) for ``vision_mode: wsi``.
-        mm_hidden_size: width D of the tokens entering the projector (feature width for ``none``,
-            encoder width for ``wsi``).
-        image_seq_length: patch tokens kept per slide (the selection budget K).
-        use_cls_token: also feed the tower's CLS token (``wsi`` only); the prompt then holds K + 1
-            ``<image>`` tokens.
-        vision_feature_select_mode: a key of ``SELECTORS`` (``none``, ``random_sample``, ``prumerge``,
-            ``prumerge_plus``, ``prompt_topk``, ``feature_outlier``).
-        select_options: ``SelectOptions`` fields (dict).
-        mm_vision_select_layer: which tower state feeds the projector; -1 = the final normalised tokens,
-            other values index ``hidden_states`` (0 = input embeddings, i = after block i, -2 = before
-            the last block).
-        mm_projector_type: only ``mlp2x_gelu``.
-        projector_dropout: dropout inside the projector.
-        gamma_min, gamma_max: bounds of the projector's learnable output scale.
-        image_token_id: id of ``<image>`` in the tokenizer.
-        freeze_vision_tower: the tower runs in eval mode under ``no_grad``.
-    """
-
-    model_type = "wsi_llava"
-    sub_configs = {"text_config": AutoConfig}
-
-    def __init__(self, text_config=None, vision_mode: str = "none", vision_config: dict | None = None,
-                 mm_hidden_size: int = 1536, image_seq_length: int = 64, use_cls_token: bool = False,
-                 vision_feature_select_mode: str = "random_sample", select_options: dict | None = None,
-                 mm_vision_select_layer: int = -1, mm_projector_type: str = "mlp2x_gelu",
-                 projector_dropout: float = 0.0, gamma_min: float = 1.0, gamma_max: float = 1.0,
-                 image_token_id: int | None = None, freeze_vision_tower: bool = True, **kwargs):
-        if isinstance(text_config, dict):
-            text_config = dict(text_config)
-            text_config = CONFIG_MAPPING[text_config.pop("model_type", "llama")](**text_config)
-        self.text_config = text_config
-        self.vision_mode = vision_mode
-        self.vision_config = dict(vision_config or {})
-        self.mm_hidden_size = int(mm_hidden_size)
-        self.image_seq_length = int(image_seq_length)
-        self.use_cls_token = bool(use_cls_token)
-        self.vision_feature_select_mode = vision_feature_select_mode
-        self.select_options = dict(select_options or {})
-        self.mm_vision_select_layer = int(mm_vision_select_layer)
-        self.mm_projector_type = mm_projector_type
-        self.projector_dropout = float(projector_dropout)
-        self.gamma_min = float(gamma_min)
-        self.gamma_max = float(gamma_max)
-        self.image_token_id = image_token_id
-        self.freeze_vision_tower = bool(freeze_vision_tower)
-        super().__init__(**kwargs)
-        self.validate_wsi()
-
-    def validate_wsi(self) -> None:
-        """Reject inconsistent settings with a clear message."""
-        if self.vision_feature_select_mode not in SELECTORS:
-            raise ValueError(f"vision_feature_select_mode {self.vision_feature_select_mode!r} is unknown; "
-                             f"choose one of {sorted(SELECTORS)}")
-        if self.vision_mode not in ("none", "wsi"):
-            raise ValueError(f"vision_mode {self.vision_mode!r} is not supported; use 'none' or 'wsi'")
-        if self.use_cls_token and self.vision_mode == "none":
-            raise ValueError("use_cls_token needs a tower with a CLS token (vision_mode: wsi)")
-        if self.image_seq_length < 1:
-            raise ValueError("image_seq_length must be >= 1")
-
-    @property
-    def num_image_tokens(self) -> int:
-        """``<image>`` tokens per prompt = visual tokens the model produces."""
-        return self.image_seq_length + int(self.use_cls_token)
-
-    def get_text_config(self, *args, **kwargs):
-        return self.text_config
 
 
 @dataclass
@@ -215,7 +138,7 @@ class WsiLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         options = SelectOptions(**cfg.select_options) if cfg.select_options else None
         sel = SELECTORS[cfg.vision_feature_select_mode](
             patches, tile_mask, cfg.image_seq_length, cls_attention=out.cls_attention, keys=out.keys,
-            query=query, coords=coords, generator=generator, training=self.training, options=options)
+            query=query, coords=coords, generator=generator, options=options)
         vis = sel.tokens
         if cfg.use_cls_token:
             vis = torch.cat([tokens[:, :1], vis], dim=1)
@@ -373,5 +296,3 @@ def load_wsi_llava(path: str | Path, dtype: torch.dtype | None = None):
     model.eval()
     return model, tokenizer
 
-
-AutoConfig.register("wsi_llava", WsiLlavaConfig)

@@ -50,7 +50,7 @@ def file_loader(assistant: SlideAssistant):
 
 def _tile_dim(assistant: SlideAssistant) -> int:
     cfg = assistant.model.config
-    return cfg.vision_config.get("in_dim", cfg.mm_hidden_size)
+    return cfg.feature_dim
 
 
 def _slide_bytes(s: Slide) -> int:

@@ -5,7 +5,7 @@ Hugging Face text tower, and trains with symmetric InfoNCE (:mod:`wsi_llava.mode
 under the Hugging Face ``Trainer`` (so ``torchrun`` runs it on several processes; with
 ``gather_across_processes`` every process scores against all processes' batches). Evaluation embeds
 the *whole* validation set and logs slide→text and text→slide R@1/5/10 and mean/median rank
-(:mod:`wsi_llava.eval.retrieval`) and the whole-set loss as ``eval_loss``.
+(:mod:`wsi_llava.model.retrieval`) and the whole-set loss as ``eval_loss``.
 
 Writes to ``output_dir``: ``contrastive_config.json`` (before training), ``checkpoint-N/`` (Trainer),
 and at the end ``model.safetensors`` (every weight), ``tower.safetensors`` (the slide encoder with
@@ -29,7 +29,7 @@ import torch
 import yaml
 from transformers import Trainer
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, arguments_for
 from ..data.slide_text import (
     SlideTextCollator,
     SlideTextDataset,
@@ -37,12 +37,11 @@ from ..data.slide_text import (
     build_pairs,
 )
 from ..data.slides import read_slide_meta
-from ..eval.retrieval import slide_text_retrieval
+from ..model.retrieval import slide_text_retrieval
 from ..fileio import atomic_write_text, write_error_text
 from ..model.export import STAGE1_CONFIG
 from ..model.slide_text import SlideTextConfig, SlideTextModel, symmetric_nce
 from ..model.text_tower import load_text_tower, pad_token_id, tokenize_texts
-from ..precision import training_precision
 from . import final
 from .checkpoint import (
     CheckpointError,
@@ -50,7 +49,7 @@ from .checkpoint import (
     checkpoint_step,
     load_checkpoint_weights,
 )
-from .run import filter_invalid, load_records, resolve_datasets
+from .run import filter_invalid, load_records, resolve_datasets, start_run, trainer_arguments
 from .trainer import EpochCallback
 
 logger = logging.getLogger(__name__)
@@ -81,25 +80,24 @@ def load_pairs(cfg: TrainConfig, spec: str, split: str | None, expected_dim: int
 
 def build_stage1_model(cfg: TrainConfig, feature_dim: int):
     """``(SlideTextModel, tokenizer)``: the slide tower from ``vision_tower`` (any checkpoint
-    ``load_tower`` reads) or random init shaped by ``vision_config``, and the text tower."""
+    ``load_tower`` reads) or random init shaped by ``vision_config``, and the text tower; the heads'
+    :class:`SlideTextConfig` built from ``ContrastiveArguments`` by :func:`~wsi_llava.config.arguments_for`."""
     from ..model.export import load_tower
     from ..model.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     m, c = cfg.model, cfg.contrastive
-    vision_config = dict(m.vision_config)
     if m.vision_tower:
-        encoder = load_tower(cfg.resolve(m.vision_tower), **vision_config)
+        encoder = load_tower(cfg.resolve(m.vision_tower), **m.vision_config)
     else:
-        vision_config.setdefault("in_dim", feature_dim)
-        encoder = SlideEncoder(SlideEncoderConfig(**vision_config))
+        try:
+            encoder = SlideEncoder(SlideEncoderConfig.from_fields({"in_dim": feature_dim, **m.vision_config}))
+        except TypeError as e:
+            raise ConfigError(f"{cfg.source}: vision_config: {e}") from None
     if encoder.config.in_dim != feature_dim:
         raise ConfigError(f"{cfg.source}: the slide tower takes {encoder.config.in_dim}-wide tile features but the "
                           f"data has {feature_dim}-wide features")
     text_tower, tokenizer = load_text_tower(cfg.resolve(c.text_model_name_or_path))
-    heads = SlideTextConfig(slide_pool=c.slide_pool, projection_dim=c.projection_dim,
-                            init_temperature=c.init_temperature, max_logit_scale=c.max_logit_scale,
-                            freeze_slide_tower=m.freeze_vision_tower, freeze_text_tower=c.freeze_text_tower,
-                            gather_across_processes=c.gather_across_processes)
+    heads = SlideTextConfig(**arguments_for(SlideTextConfig, c, freeze_slide_tower=m.freeze_vision_tower))
     return SlideTextModel(encoder.train(), text_tower, heads), tokenizer
 
 
@@ -184,7 +182,7 @@ def _config_dump(cfg: TrainConfig) -> dict:
 
 def stage1_description(cfg: TrainConfig, model: SlideTextModel, feature_dim: int) -> dict:
     """What ``contrastive_config.json`` holds: the slide encoder architecture, heads, text model."""
-    return {"slide_encoder": model.slide_tower.config.to_dict(), "heads": asdict(model.cfg),
+    return {"slide_encoder": model.slide_tower.config.architecture(), "heads": asdict(model.cfg),
             "text_model_name_or_path": cfg.resolve(cfg.contrastive.text_model_name_or_path),
             "text_max_length": cfg.contrastive.text_max_length,
             "contrastive_positives": cfg.contrastive.contrastive_positives, "feature_dim": feature_dim}
@@ -253,16 +251,12 @@ def write_stage1_config(out_dir: Path, description: dict) -> None:
 
 def run_contrastive(cfg: TrainConfig) -> Path:
     """Train stage 1 as configured; returns the output folder (see the module docstring)."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import TrainingArguments
 
-    training = dict(cfg.training)
-    out_dir = Path(cfg.resolve(training["output_dir"]))
-    training["output_dir"] = str(out_dir)
-    identity = final.config_identity(_config_dump(cfg))
-    if final.nothing_to_do(out_dir, identity, training.get("resume_from_checkpoint")):
-        return out_dir  # a finished run is final: nothing is read beyond the marker, nothing written
-    seed = int(training.get("seed", 42))
-    set_seed(seed)
+    run = start_run(cfg, _config_dump(cfg))
+    if run.finished:
+        return run.out_dir  # a finished run is final: nothing is read beyond the marker, nothing written
+    training, out_dir, identity, seed = run.training, run.out_dir, run.identity, run.seed
     train_pairs = load_pairs(cfg, cfg.data.dataset, cfg.data.split, None, out_dir, "dataset")
     feature_dim = read_slide_meta(train_pairs[0].record.h5_path)[1]
     eval_pairs = (load_pairs(cfg, cfg.data.eval_dataset, cfg.data.eval_split, feature_dim, out_dir, "eval_dataset")
@@ -271,14 +265,8 @@ def run_contrastive(cfg: TrainConfig) -> Path:
     train_ds = make_dataset(train_pairs, tokenizer, cfg, feature_dim, True, seed, "dataset")
     eval_ds = make_dataset(eval_pairs, tokenizer, cfg, feature_dim, False, seed, "eval_dataset") if eval_pairs else None
 
-    training = training_precision(training, force=cfg.finetuning.force_precision)
-    training.setdefault("report_to", "none")
+    training, resume, checkpoint_limit = trainer_arguments(cfg, training, eval_ds is not None)
     training.setdefault("ddp_find_unused_parameters", False)  # every trainable weight is used in each step
-    if eval_ds is None:
-        training["eval_strategy"] = "no"
-        training["load_best_model_at_end"] = False
-    resume = training.pop("resume_from_checkpoint", None)
-    checkpoint_limit = training.pop("save_total_limit", None)  # rotation over complete checkpoints only
     args = TrainingArguments(remove_unused_columns=False, **training)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("stage 1 on %d process(es): %d train pair(s), %d eval pair(s); slide tower %s, text tower %s; "

@@ -5,16 +5,18 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, arguments_for
 from ..data.collate import SlideCollator
 from ..data.dataset import SlideQADataset, require_h5
 from ..data.manifest import Record, load_manifest
 from ..data.prompts import PromptBuilder
 from ..data.slides import read_slide_meta
+from ..model.configuration import SlideEncoderConfig, WsiLlavaConfig
 from ..model.wsi_llava import WsiLlavaForConditionalGeneration, load_wsi_llava
 from . import final
 from .checkpoint import (
@@ -90,39 +92,86 @@ def filter_invalid(records: list[Record], expected_dim: int | None, skip_invalid
     return kept
 
 
+@dataclass
+class RunStart:
+    """The common start of a training run (:func:`start_run`)."""
+
+    training: dict
+    """``TrainingArguments`` keyword arguments, ``output_dir`` made absolute."""
+    out_dir: Path
+    identity: dict
+    """The config identity recorded in the completion marker (:func:`~wsi_llava.train.final.config_identity`)."""
+    seed: int
+    finished: bool
+    """The run is complete already: nothing is read beyond the marker, nothing written, nothing seeded."""
+
+
+def start_run(cfg: TrainConfig, config_dump: dict) -> RunStart:
+    """Resolve the output folder, check the completion marker against ``config_dump`` and, unless the run
+    is finished, seed every generator (``seed``, default 42)."""
+    from transformers import set_seed
+
+    training = dict(cfg.training)
+    out_dir = Path(cfg.resolve(training["output_dir"]))
+    training["output_dir"] = str(out_dir)
+    identity = final.config_identity(config_dump)
+    seed = int(training.get("seed", 42))
+    finished = final.nothing_to_do(out_dir, identity, training.get("resume_from_checkpoint"))
+    if not finished:
+        set_seed(seed)
+    return RunStart(training, out_dir, identity, seed, finished)
+
+
+def trainer_arguments(cfg: TrainConfig, training: dict, has_eval: bool) -> tuple[dict, bool | str | None, int | None]:
+    """``(kwargs, resume, checkpoint_limit)`` for ``TrainingArguments``: the precision this machine runs
+    (:func:`~wsi_llava.precision.training_precision`), no reporting unless asked, no evaluation without an
+    evaluation set; ``resume_from_checkpoint`` (true or a path, resolved by ``find_resume``) and
+    ``save_total_limit`` (rotation over complete checkpoints) taken out for the crash-safe trainers."""
+    from ..precision import training_precision
+
+    training = training_precision(training, force=cfg.finetuning.force_precision)
+    training.setdefault("report_to", "none")
+    if not has_eval:
+        training["eval_strategy"] = "no"
+        training["load_best_model_at_end"] = False
+    resume = training.pop("resume_from_checkpoint", None)
+    checkpoint_limit = training.pop("save_total_limit", None)
+    return training, resume, checkpoint_limit
+
+
 def build_model(cfg: TrainConfig, feature_dim: int):
     """The model and tokenizer for a stage: a saved WSI-LLaVA to continue from, or a new one around the
-    LM; the tower weights and the stage-2 projector loaded on top (strictly)."""
+    LM (its :class:`~wsi_llava.model.configuration.WsiLlavaConfig` built from ``ModelArguments`` by
+    :func:`~wsi_llava.config.arguments_for`); the tower weights and the stage-2 projector loaded on top
+    (strictly)."""
     m = cfg.model
     if m.model_name_or_path:
         model, tokenizer = load_wsi_llava(cfg.resolve(m.model_name_or_path))
     else:
-        vision_config = dict(m.vision_config)
         encoder = None
         if m.vision_mode == "wsi" and m.vision_tower:
             from ..model.export import load_tower
 
             # the architecture stored with the weights (exported stage-1 towers carry it); config overrides win
             encoder = load_tower(cfg.resolve(m.vision_tower), **m.vision_config)
-            vision_config = encoder.config.to_dict()
         if m.vision_mode == "wsi" and encoder is None:
             logger.warning("vision_mode: wsi without vision_tower: the slide encoder starts from random weights%s",
                            " and stays frozen" if m.freeze_vision_tower else "")
+        vision_config = encoder.config.architecture() if encoder is not None else dict(m.vision_config)
         if m.vision_mode == "wsi":
             vision_config.setdefault("in_dim", feature_dim)
-            width = vision_config.get("embed_dim", 768)
+            width = vision_config.get("embed_dim", SlideEncoderConfig.embed_dim)
         else:
             width = feature_dim
         if m.mm_hidden_size is not None and m.mm_hidden_size != width:
             raise ConfigError(f"{cfg.source}: mm_hidden_size {m.mm_hidden_size} does not match the width of the tokens "
                               f"entering the projector ({width}: {'encoder width' if m.vision_mode == 'wsi' else 'tile feature width'})")
-        model, tokenizer = WsiLlavaForConditionalGeneration.from_llm(
-            cfg.resolve(m.llm_name_or_path), vision_mode=m.vision_mode, vision_config=vision_config,
-            mm_hidden_size=width, image_seq_length=m.image_seq_length, use_cls_token=m.use_cls_token,
-            vision_feature_select_mode=m.vision_feature_select_mode, select_options=m.select_options,
-            mm_vision_select_layer=m.mm_vision_select_layer, mm_projector_type=m.mm_projector_type,
-            projector_dropout=m.projector_dropout, gamma_min=m.gamma_min, gamma_max=m.gamma_max,
-            freeze_vision_tower=m.freeze_vision_tower)
+        try:
+            config_kwargs = arguments_for(WsiLlavaConfig, m, vision_config=vision_config, mm_hidden_size=width)
+            model, tokenizer = WsiLlavaForConditionalGeneration.from_llm(cfg.resolve(m.llm_name_or_path),
+                                                                         **config_kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.source}: {e}") from None
         if encoder is not None:
             model.vision_tower.load_state_dict(encoder.state_dict(), strict=True)
     if m.chat_template:
@@ -187,19 +236,14 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
 
 def run_sft(cfg: TrainConfig) -> Path:
     """Train stage 2 or 3 as configured; returns the output folder holding the final model."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import TrainingArguments
 
-    from ..precision import training_precision
     from .trainer import EpochCallback, WsiTrainer
 
-    training = dict(cfg.training)
-    out_dir = Path(cfg.resolve(training["output_dir"]))
-    training["output_dir"] = str(out_dir)
-    identity = final.config_identity(_config_dump(cfg))
-    if final.nothing_to_do(out_dir, identity, training.get("resume_from_checkpoint")):
-        return out_dir  # a finished run is final: nothing is read beyond the marker, nothing written
-    seed = int(training.get("seed", 42))
-    set_seed(seed)
+    run = start_run(cfg, _config_dump(cfg))
+    if run.finished:
+        return run.out_dir  # a finished run is final: nothing is read beyond the marker, nothing written
+    training, out_dir, identity, seed = run.training, run.out_dir, run.identity, run.seed
     train_records = load_records(resolve_datasets(cfg.data.dataset, cfg), cfg.data.split)
     eval_records = (load_records(resolve_datasets(cfg.data.eval_dataset, cfg), cfg.data.eval_split)
                     if cfg.data.eval_dataset else [])
@@ -228,13 +272,7 @@ def run_sft(cfg: TrainConfig) -> Path:
     eval_ds = (SlideQADataset(eval_records, builder, cfg.data.patches_per_wsi, feature_dim, training=False, seed=seed,
                               tower_cache=tower_cache)
                if eval_records else None)
-    training = training_precision(training, force=cfg.finetuning.force_precision)
-    training.setdefault("report_to", "none")
-    if not eval_ds:
-        training["eval_strategy"] = "no"
-        training["load_best_model_at_end"] = False
-    resume = training.pop("resume_from_checkpoint", None)  # true or a path; resolved by WsiTrainer.find_resume
-    checkpoint_limit = training.pop("save_total_limit", None)  # rotation over complete checkpoints (WsiTrainer)
+    training, resume, checkpoint_limit = trainer_arguments(cfg, training, bool(eval_ds))
     if training.get("gradient_checkpointing"):
         training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     args = TrainingArguments(remove_unused_columns=False, label_names=["labels"], **training)

@@ -64,7 +64,7 @@ def slide_text_retrieval(slide_emb: torch.Tensor, text_emb: torch.Tensor, keys: 
     """Whole-set retrieval of M pairs: slide_emb, text_emb [M, E] (normalised), keys [M, 3]
     (slide, group, text) → ``(metrics, chance)`` with ``s2t_*`` (slide→text) and ``t2s_*`` keys plus
     ``n_slides``/``n_texts`` (gallery sizes)."""
-    from ..model.slide_text import GROUP, SLIDE, TEXT
+    from .slide_text import GROUP, SLIDE, TEXT
 
     keys = keys.long().cpu()
     slide_emb, text_emb = slide_emb.float().cpu(), text_emb.float().cpu()
