@@ -237,7 +237,8 @@ def closed_manifest(src: Path, dest: Path) -> Path:
 
 def evaluate_run(model_dir: Path, records: list, planted: dict[str, dict], out: Path) -> dict:
     """Closed-question accuracy and planted-tile recall of a trained model on ``records``."""
-    from wsi_llava.infer.engine import GenerationSettings, SlideAssistant
+    from wsi_llava.infer.engine import SlideAssistant
+    from wsi_llava.infer.generation import GenerationSettings
     from wsi_llava.infer.predict import predict
     from wsi_llava.eval.metrics import evaluate_predictions
 

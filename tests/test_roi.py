@@ -55,7 +55,8 @@ def test_roi_tiles_are_the_encoder_outputs_of_the_crops(roi):
 
 
 def test_roi_and_h5_of_the_same_tiles_give_the_same_answer(served, roi, tmp_path):
-    from wsi_llava.infer.engine import GenerationSettings, SlideAssistant
+    from wsi_llava.infer.engine import SlideAssistant
+    from wsi_llava.infer.generation import GenerationSettings
 
     enc, weights, image, _ = roi
     assistant = SlideAssistant.from_pretrained(served.model_dir, device="cpu", precision="fp32")

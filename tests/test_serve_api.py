@@ -15,7 +15,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from wsi_llava.infer.engine import GenerationSettings, SlideAssistant
+from wsi_llava.infer.engine import SlideAssistant
+from wsi_llava.infer.generation import GenerationSettings
 from wsi_llava.serve.app import create_app
 
 from serve_helpers import JSON, MODEL, one_thread, openai_error, running, serve_config, tiny_serving_cached

@@ -16,7 +16,8 @@ import torch
 from openai import OpenAI
 from PIL import Image
 
-from wsi_llava.infer.engine import GenerationSettings, SlideAssistant
+from wsi_llava.infer.engine import SlideAssistant
+from wsi_llava.infer.generation import GenerationSettings
 from wsi_llava.infer.roi import RoiError, roi_to_slide
 from wsi_llava.model.tile_encoder import build_tile_encoder, save_tile_weights
 from wsi_llava.serve.app import create_app

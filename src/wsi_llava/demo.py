@@ -185,7 +185,8 @@ def run_demo(out: str | Path, tiny: bool = False, seed: int = 0, plan: DemoPlan 
     from .eval.cli import load_prediction_rows
     from .eval.metrics import evaluate_predictions
     from .eval.report import write_outputs
-    from .infer.engine import GenerationSettings, SlideAssistant
+    from .infer.engine import SlideAssistant
+    from .infer.generation import GenerationSettings
     from .infer.predict import predict
     from .train.run import run_sft
 

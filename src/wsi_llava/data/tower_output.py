@@ -29,6 +29,8 @@ class TowerOutput:
     """[B, N, Dk] last-block patch keys, or None."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
     """Per-layer tokens, each [B, N(+1), D] (0 = input embeddings), or None."""
+    mask: torch.Tensor | None = None
+    """[B, N] bool (True = real tile) the tower was given, or None (all real)."""
 
     def to(self, device, non_blocking: bool = False) -> "TowerOutput":
         """The same outputs on ``device`` (the tensors that are already there are not copied)."""
@@ -37,13 +39,14 @@ class TowerOutput:
 
         hidden = None if self.hidden_states is None else tuple(move(h) for h in self.hidden_states)
         return replace(self, tokens=move(self.tokens), cls_attention=move(self.cls_attention),
-                       keys=move(self.keys), hidden_states=hidden)
+                       keys=move(self.keys), hidden_states=hidden, mask=move(self.mask))
 
     def zeros_like(self) -> "TowerOutput":
-        """All outputs zeroed, same shapes and dtypes (image-reliance checks)."""
+        """All outputs zeroed, same shapes and dtypes (image-reliance checks); the mask is kept."""
         def zero(v):
             if isinstance(v, tuple):
                 return tuple(torch.zeros_like(h) for h in v)
             return None if v is None else torch.zeros_like(v)
 
-        return TowerOutput(**{f.name: zero(getattr(self, f.name)) for f in fields(self)})
+        return TowerOutput(**{f.name: zero(getattr(self, f.name)) for f in fields(self) if f.name != "mask"},
+                           mask=self.mask)

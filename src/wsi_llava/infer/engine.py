@@ -21,7 +21,7 @@ from ..model.wsi_llava import load_wsi_llava
 from ..precision import Precision, resolve_precision
 from .generation import GenerationSettings, Request, generate
 
-__all__ = ["Answer", "GenerationSettings", "SlideAssistant", "zeros_like_slide"]
+__all__ = ["Answer", "SlideAssistant", "zeros_like_slide"]
 
 
 @dataclass

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.records import ROI_SUFFIXES  # noqa: F401 (re-exported)
 from ..data.sampling import sample_indices
 from ..data.slides import Slide
 from ..errors import MissingFileError, WsiLlavaError

@@ -5,7 +5,7 @@ through a patch projection, 2-D sin-cos positions computed on the fly, and pre-L
 dilated attention (:mod:`wsi_llava.model.dilated_attention`). Parameter names equal the original's,
 so the published ``slide_encoder.pth`` loads 1:1 (:func:`load_slide_encoder`). The module is the
 ``vision_mode: wsi`` tower of WSI-LLaVA: ``tower(features, coords, mask)`` →
-:class:`SlideEncoderOutput` with ``tokens``, ``cls_attention``, ``keys`` and ``hidden_states``.
+:class:`TowerOutput` with ``tokens``, ``cls_attention``, ``keys`` and ``hidden_states``.
 
 Deviations from the original, all on purpose (details in ``docs/slide_encoder.md``): positions are
 computed from the coordinates instead of looked up in a 3 GB table (same values in the table's range;
@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data.tower_output import TowerOutput
 from ..errors import MissingFileError
 from .configuration import SlideEncoderConfig
 from .dilated_attention import dilated_attention
@@ -35,7 +35,6 @@ from .dilated_attention import dilated_attention
 __all__ = [
     "SlideEncoder",
     "SlideEncoderConfig",
-    "SlideEncoderOutput",
     "load_slide_encoder",
     "sincos_position_rows",
 ]
@@ -190,34 +189,11 @@ class Encoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # the encoder
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class SlideEncoderOutput:
-    """What :class:`SlideEncoder` returns (the WSI-LLaVA tower interface).
-
-    Padded tiles (mask False) are 0 in every field.
-    """
-
-    tokens: torch.Tensor
-    """[B, 1+N, D]: last block output after ``encoder.layer_norm``; CLS at index 0."""
-    cls_attention: torch.Tensor
-    """[B, N]: last block, full-width CLS query against all keys,
-    ``softmax_j(q_cls · k_j / sqrt(D))`` over CLS and the real tiles, patch columns only (PruMerge's
-    definition; they sum to 1 minus the CLS self-weight)."""
-    keys: torch.Tensor
-    """[B, N, D]: last block patch keys (``k_proj`` output, all heads concatenated)."""
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    """``depth + 1`` tensors [B, 1+N, D] when asked: the input tokens (projection + position, CLS
-    prepended), then the output of each block, *without* ``encoder.layer_norm``; ``hidden_states[-1]``
-    is the last block before the final norm (``tokens`` is it normalised)."""
-    mask: torch.Tensor | None = None
-    """[B, N] bool (True = real tile) as given, or None."""
-
-
 class SlideEncoder(nn.Module):
     """Prov-GigaPath LongNet slide encoder.
 
     ``forward(features [B, N, Din], coords [B, N, 2] (x, y) level-0 px, mask [B, N] bool or None,
-    output_hidden_states=False) -> SlideEncoderOutput``.
+    output_hidden_states=False) -> TowerOutput``.
     """
 
     has_cls = True
@@ -284,8 +260,12 @@ class SlideEncoder(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> SlideEncoderOutput:
-        """features [B, N, Din], coords [B, N, 2] (x, y), mask [B, N] (True = real) → SlideEncoderOutput."""
+                output_hidden_states: bool = False) -> TowerOutput:
+        """features [B, N, Din], coords [B, N, 2] (x, y), mask [B, N] (True = real) → TowerOutput:
+        tokens [B, 1+N, D] after ``encoder.layer_norm`` (CLS first); cls_attention [B, N] (last block,
+        full-width CLS query, PruMerge's definition); keys [B, N, D] (last-block ``k_proj``); with
+        ``output_hidden_states`` the input tokens and each block's output *without* the final norm; the
+        mask as given. Padded tiles are 0 in every field."""
         if mask is not None:
             mask = mask.to(device=features.device, dtype=torch.bool)
         x = self.input_dropout(self.embed(features, coords, mask))
@@ -318,7 +298,7 @@ class SlideEncoder(nn.Module):
             keys = keys.masked_fill(~mask.unsqueeze(-1), 0)
             if states is not None:
                 states = [s.masked_fill(~keep, 0) for s in states]
-        return SlideEncoderOutput(tokens=tokens, cls_attention=cls_attention, keys=keys,
+        return TowerOutput(tokens=tokens, cls_attention=cls_attention, keys=keys,
                                   hidden_states=tuple(states) if states is not None else None, mask=mask)
 
     @staticmethod
@@ -329,7 +309,7 @@ class SlideEncoder(nn.Module):
             scores = scores.masked_fill(~full_mask, float("-inf"))
         return torch.softmax(scores, dim=-1)[:, 1:].to(k.dtype)
 
-    def embed_slide(self, output: SlideEncoderOutput, pool: str = "cls") -> torch.Tensor:
+    def embed_slide(self, output: TowerOutput, pool: str = "cls") -> torch.Tensor:
         """Slide embedding [B, D]: ``norm`` of the CLS token (``pool="cls"``) or of the mean of the real
         patch tokens (``pool="mean"``), both taken from ``output.tokens`` (after ``encoder.layer_norm``),
         as the original's ``global_pool`` False / True."""

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..infer.engine import GenerationSettings
+from ..infer.generation import GenerationSettings
 from .errors import ApiError
 
 #: OpenAI request fields this server cannot honour when set to anything but their neutral value

@@ -8,7 +8,7 @@ Two modes:
   freeze every thread of the server, event loop and ``/health`` included; in a worker process it
   only stalls that process, which is killed at the timeout and replaced. A read that crashes its
   process (a damaged file tripping HDF5) is reported, and the server lives on. The loaded tiles
-  travel back pickled (≈ 10 ms for 2,048 × 1,536 float32).
+  travel back pickled (12 MiB for 2,048 × 1,536 float32).
 * ``thread``: reads run in a thread pool. Enough for loaders that release the GIL while they wait;
   a timed-out read keeps its thread until it returns (the request is answered anyway).
 
