@@ -4,8 +4,9 @@
     python bench/extract.py --slide S.svs    # your own slide instead
     python bench/extract.py --reps 5 --threads 2 --workers 2
 
-Setup: the ``vit`` tile encoder with ViT-Ti/16 sizes (224 px, patch 16, 192 wide, 12 blocks, 3 heads;
-random weights, frozen, float32, ``resize = crop = 224``), ``--threads`` torch threads for the encoder.
+Setup: the ``timm:vit_tiny_patch16_224`` tile encoder (ViT-Ti/16: 224 px, patch 16, 192 wide, 12 blocks,
+3 heads; random weights, frozen, float32; ``resize = crop = 224`` so tiles are cut at 224 px),
+``--threads`` torch threads for the encoder.
 
 - *extract*: :func:`wsi_llava.infer.extract.extract_cohort` on the slide into a fresh folder (tissue
   segmentation, tile grid, ``--workers`` reader processes feeding the encoder, H5 + GeoJSON + PNG);
@@ -28,6 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from wsi_llava.data.synthetic_wsi import draw_tissue, write_pyramid_tiff
+from wsi_llava.data.wsi_reader import open_wsi
+from wsi_llava.infer.extract import ExtractSettings, extract_cohort
+from wsi_llava.infer.extract_slide import plan_slide
+from wsi_llava.model.tile_encoder import build_tile_encoder
+
 TARGET = 0.85
 
 
@@ -46,20 +56,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the encoder")
     ap.add_argument("--workers", type=int, default=1, help="reader worker processes of extract")
     args = ap.parse_args()
-
-    import numpy as np
-    import torch
-
-    from wsi_llava.data.synthetic_wsi import draw_tissue, write_pyramid_tiff
-    from wsi_llava.data.wsi_reader import open_wsi
-    from wsi_llava.infer.extract import ExtractSettings, extract_cohort
-    from wsi_llava.infer.extract_slide import plan_slide
-    from wsi_llava.model.tile_encoder import build_tile_encoder
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    enc = build_tile_encoder("vit", img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                             resize=224, crop=224)
+    enc = build_tile_encoder("timm:vit_tiny_patch16_224", resize=224, crop=224)  # ViT-Ti/16, tiles cut at 224
     with tempfile.TemporaryDirectory() as tmp:
         slide = Path(args.slide) if args.slide else Path(tmp) / "bench.tiff"
         if not args.slide:

@@ -21,7 +21,7 @@ pytest.importorskip("openslide")
 from wsi_llava.data.slides import load_slide  # noqa: E402
 from wsi_llava.data.synthetic_wsi import draw_tissue, write_pyramid_tiff  # noqa: E402
 from wsi_llava.data.tissue import mask_to_geojson, segment_tissue  # noqa: E402
-from wsi_llava.data.wsi_reader import WsiError, open_wsi, read_mpp_csv  # noqa: E402
+from wsi_llava.data.wsi_reader import WsiError, magnification_for, open_wsi, read_mpp_csv  # noqa: E402
 from wsi_llava.infer.extract import ExtractSettings, extract_cohort  # noqa: E402
 from wsi_llava.infer.extract_slide import plan_slide  # noqa: E402
 from wsi_llava.model.tile_encoder import build_tile_encoder, save_tile_weights  # noqa: E402
@@ -95,6 +95,11 @@ def test_reader_geometry_pixel_size_and_levels(slide40, tmp_path):
     csv.write_text("slide,mpp\nbare,-1\n")
     with pytest.raises(WsiError, match=r"mpp\.csv: row 2 \[mpp\]"):
         read_mpp_csv(csv)
+
+
+def test_magnification_from_pixel_size():
+    assert [magnification_for(m) for m in (0.25, 0.2527, 0.5, 0.4942, 1.0)] == [40, 40, 20, 20, 10]
+    assert magnification_for(0.3) == pytest.approx(33.33, abs=0.01)  # no standard objective within 10 %
 
 
 def test_a_20x_tile_comes_from_level_1_and_equals_level_0_downsampled(slide40):

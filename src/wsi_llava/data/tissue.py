@@ -125,7 +125,7 @@ def mask_to_geojson(mask: np.ndarray, downsample: float) -> dict:
             if hole is not None:
                 rings.append(hole)
         rings = [[[float(x + offset[0]), float(y + offset[1])] for x, y in ring] for ring in rings]
-        features.append({"type": "Feature", "id": f"tissue-{i}",
+        features.append({"type": "Feature",
                          "geometry": {"type": "Polygon", "coordinates": rings},
                          "properties": {"objectType": "annotation", "classification": {"name": "Tissue"},
                                         "holes": len(rings) - 1}})
