@@ -98,6 +98,11 @@ def test_reader_geometry_pixel_size_and_levels(slide40, tmp_path):
 
 
 def test_magnification_from_pixel_size():
+    from wsi_llava.data.wsi_reader import _tiff_mpp
+
+    assert _tiff_mpp({"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "40000"}) == 0.25
+    assert _tiff_mpp({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "50800"}) == 0.5
+    assert _tiff_mpp({"tiff.ResolutionUnit": "none", "tiff.XResolution": "72"}) is None
     assert [magnification_for(m) for m in (0.25, 0.2527, 0.5, 0.4942, 1.0)] == [40, 40, 20, 20, 10]
     assert magnification_for(0.3) == pytest.approx(33.33, abs=0.01)  # no standard objective within 10 %
 

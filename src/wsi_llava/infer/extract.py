@@ -172,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
     from .shard import device_for
 
     if args.magnification <= 0 or args.tile_size < 1 or args.batch_size < 1 or args.workers < 0:
-        raise WsiLlavaError("--magnification and --tile-size, --batch-size must be positive, --workers >= 0")
+        raise WsiLlavaError("--magnification, --tile-size and --batch-size must be positive and --workers >= 0")
     if not 0.0 <= args.min_tissue <= 1.0:
         raise WsiLlavaError(f"--min-tissue {args.min_tissue}: expected a share between 0 and 1")
     if not Path(args.weights).is_file():
