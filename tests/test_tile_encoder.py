@@ -177,3 +177,59 @@ def test_preprocessing_equals_timms_own_transform():
                              weights=model.state_dict())
     x = torch.randn(2, 3, 224, 224)
     assert torch.allclose(vit(x), model.eval()(x), atol=1e-5)
+
+
+def test_timm_vit_without_timm_uses_the_architecture_table(tmp_path):
+    """timm:<plain ViT> builds the in-house ViT with timm's sizes, key names and default preprocessing."""
+    import wsi_llava.model.tile_encoder as te
+
+    if te._timm()[0] is not None:
+        pytest.skip("timm imports here: timm:<arch> is built by timm itself")
+    with torch.device("meta"):
+        enc = build_tile_encoder("timm:vit_tiny_patch16_224")
+    assert _params(enc) == 5_524_416  # timm's vit_tiny_patch16_224 with num_classes=0
+    assert enc.embed_dim == 192
+    assert enc.preprocess == Preprocess(resize=248, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    with torch.device("meta"):
+        big = build_tile_encoder("timm:vit_base_patch16_384")
+    assert (big.embed_dim, big.backbone.cfg.img_size, big.preprocess.resize) == (768, 384, 384)
+    with torch.device("meta"):
+        dino = build_tile_encoder("timm:vit_small_patch8_224")
+    assert dino.preprocess.mean == IMAGENET_MEAN and dino.backbone.cfg.patch_size == 8
+    # a timm-keyed state dict loads strictly; the saved name and config come back with the same name given
+    tiny = build_tile_encoder("timm:vit_tiny_patch16_224", depth=2)
+    path = tmp_path / "w.safetensors"
+    save_tile_weights(tiny, path)
+    from wsi_llava.model.tile_encoder import load_tile_encoder
+
+    back = load_tile_encoder(path, "timm:vit_tiny_patch16_224")
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.equal(back(x), tiny(x)) and len(back.backbone.blocks) == 2
+    with pytest.raises(TileEncoderError, match="vit_tiny_patch16_224"):
+        build_tile_encoder("timm:convnext_tiny")
+    with pytest.raises(TileEncoderError, match="num_classes"):
+        build_tile_encoder("timm:vit_tiny_patch16_224", num_classes=10)
+
+
+def test_timm_vit_table_matches_timm():
+    try:
+        import timm
+    except Exception as e:  # noqa: BLE001 - torchvision beside a CPU torch fails with RuntimeError
+        pytest.skip(f"timm does not import here ({type(e).__name__}); see docs/tile_encoders.md")
+    from wsi_llava.model.tile_encoder import _timm_vit_spec
+    from wsi_llava.model.vit import TIMM_VITS
+
+    for arch in TIMM_VITS:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=0)
+        spec = _timm_vit_spec(arch)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        assert int(cfg["input_size"][-1]) == spec.preprocess.crop, arch
+        assert tuple(cfg["mean"]) == spec.preprocess.mean and tuple(cfg["std"]) == spec.preprocess.std, arch
+        with torch.device("meta"):
+            ours = build_tile_encoder(f"timm:{arch}")  # timm builds it here; compare with the in-house ViT
+            from wsi_llava.model.vit import ViT
+            vit = ViT(spec.vit)
+        assert {k: tuple(v.shape) for k, v in vit.state_dict().items()} == \
+               {k: tuple(v.shape) for k, v in model.state_dict().items()}, arch
+        assert ours.embed_dim == spec.vit.embed_dim

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "offline-llm": ("wsi_llava.models_offline", "Write a local LLM folder: SmolLM2-135M-Instruct (from PyPI) or a tiny one."),
     "export-tower": ("wsi_llava.model.export_cli", "Write the slide encoder of a trained model as tower.safetensors (GigaPath keys)."),
     "encode": ("wsi_llava.infer.encode", "Tower-output cache: run the frozen slide encoder once per slide, for tower_cache: DIR."),
+    "extract": ("wsi_llava.infer.extract", "Raw slides (SVS, NDPI, TIFF …) -> tissue, tiles, tile-encoder features (TRIDENT-layout H5)."),
     "encode-roi": ("wsi_llava.infer.encode_roi", "ROI images (image_path) -> one slide H5 of tile features each + a manifest pointing at them."),
     "embed": ("wsi_llava.infer.embed", "One slide embedding per slide of a manifest, to an H5 file."),
     "demo": ("wsi_llava.demo", "Synthetic cohort -> stage 2 -> stage 3 -> evaluation, end to end."),

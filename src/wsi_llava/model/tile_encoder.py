@@ -9,7 +9,10 @@ One entry point, :func:`build_tile_encoder`:
 - ``"uni"`` — UNI (timm ``vit_large_patch16_224`` with ``init_values=1e-5``, ``dynamic_img_size``;
   1024-d, about 0.303 B parameters), resize 224 (bicubic) → ImageNet mean/std (its model card).
 - ``"vit"`` — the same ViT family with any sizes given as overrides (tests, small encoders).
-- ``"timm:<architecture>"`` — any timm model, built by ``timm.create_model(pretrained=False)``.
+- ``"timm:<architecture>"`` — any timm model, built by ``timm.create_model(pretrained=False)``; where
+  timm does not import, timm's plain ViTs (``vit_tiny_patch16_224`` … ``vit_huge_patch14_224``, the
+  table :data:`~wsi_llava.model.vit.TIMM_VITS`) are built in-house with timm's hyper-parameters, key
+  names and default eval preprocessing.
 
 Why the ViT is written here and not taken from timm: timm imports torchvision at import time, and
 PyPI's torchvision wheels are linked against the CUDA build of torch, so beside the CPU torch this
@@ -17,8 +20,9 @@ project pins (``torch==2.13.0+cpu``) ``import torchvision`` fails ("operator tor
 not exist"). The named encoders are therefore a plain-PyTorch re-statement of timm's
 ``VisionTransformer`` (pre-LN blocks, fused QKV, LayerScale, GELU or packed-SwiGLU MLP, CLS + learned
 absolute positions, final LayerNorm, CLS pooling) with timm's parameter names, so the published
-``pytorch_model.bin`` / safetensors files load into it unchanged, strictly. ``timm:<arch>`` uses timm
-itself where it imports (a GPU machine with the matching torchvision) and says why otherwise.
+``pytorch_model.bin`` / safetensors files load into it unchanged, strictly (the ViT lives in
+:mod:`wsi_llava.model.vit`). ``timm:<arch>`` uses timm itself where it imports (a GPU machine with the
+matching torchvision), else the in-house ViT for the architectures of the table, and otherwise says why.
 Sources of truth for each encoder are listed in ``docs/tile_encoders.md``.
 
 Weights: safetensors, or ``.bin``/``.pth``/``.pt`` read with ``torch.load(weights_only=True)`` (a
@@ -40,16 +44,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from wsi_llava.errors import MissingFileError, WsiLlavaError
+from wsi_llava.errors import MissingFileError
+
+from .vit import TIMM_VITS, TileEncoderError, ViT, ViTConfig
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NAMED", "TIMM_VITS", "Preprocess", "TileEncoder", "TileEncoderError",
+           "ViT", "ViTConfig", "build_tile_encoder", "load_tile_encoder", "load_tile_weights", "read_state_dict",
+           "save_tile_weights"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class TileEncoderError(WsiLlavaError, ValueError):
-    """A tile-encoder name, override or weight file that cannot be used; the message says which."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,137 +112,6 @@ class Preprocess:
     def tile_size(self) -> int:
         """The size an ROI is tiled at: the resize scale, so a tile needs no resampling."""
         return self.resize
-
-
-# ---------------------------------------------------------------------------------------------
-# the ViT (timm's VisionTransformer, parameter names included)
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ViTConfig:
-    """Architecture of a timm-style ViT with CLS-token pooling and no head."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    init_values: float | None = None
-    """LayerScale initial value (``ls1.gamma``/``ls2.gamma`` exist only when set)."""
-    swiglu: bool = False
-    """timm's ``SwiGLUPacked`` MLP (fc1 → [x1, x2] → SiLU(x1)·x2 → fc2 of half width) instead of GELU."""
-    dynamic_img_size: bool = False
-    """Accept other input sizes: the position table is resampled (bicubic) to the patch grid."""
-    eps: float = 1e-6
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
-
-
-class _LayerScale(nn.Module):
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, swiglu: bool):
-        super().__init__()
-        self.swiglu = swiglu
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden // 2 if swiglu else hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        if self.swiglu:
-            x1, x2 = x.chunk(2, dim=-1)
-            x = F.silu(x1) * x2
-        else:
-            x = F.gelu(x)
-        return self.fc2(x)
-
-
-class _Block(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        d = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(d, eps=cfg.eps)
-        self.attn = _Attention(d, cfg.num_heads)
-        self.ls1 = _LayerScale(d, cfg.init_values) if cfg.init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(d, eps=cfg.eps)
-        self.mlp = _Mlp(d, int(d * cfg.mlp_ratio), cfg.swiglu)
-        self.ls2 = _LayerScale(d, cfg.init_values) if cfg.init_values else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-class _PatchEmbed(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # [B, D, gh, gw]
-
-
-class ViT(nn.Module):
-    """pixels [B, 3, S, S] → CLS feature [B, D], with timm's ``VisionTransformer`` key names."""
-
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        if cfg.embed_dim % cfg.num_heads:
-            raise TileEncoderError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
-        if cfg.img_size % cfg.patch_size:
-            raise TileEncoderError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
-        self.cfg = cfg
-        self.grid = cfg.img_size // cfg.patch_size
-        self.patch_embed = _PatchEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, cfg.embed_dim))
-        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.eps)
-        if not any(p.is_meta for p in self.parameters()):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-            nn.init.normal_(self.cls_token, std=1e-6)
-
-    def _positions(self, gh: int, gw: int) -> torch.Tensor:
-        if (gh, gw) == (self.grid, self.grid):
-            return self.pos_embed
-        if not self.cfg.dynamic_img_size:
-            raise TileEncoderError(f"input of {gh}×{gw} patches, the encoder takes {self.grid}×{self.grid} "
-                                   "(dynamic_img_size is off)")
-        cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        d = grid.shape[-1]
-        grid = grid.reshape(1, self.grid, self.grid, d).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, d).to(self.pos_embed.dtype)
-        return torch.cat([cls, grid], dim=1)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixels)
-        b, d, gh, gw = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self._positions(gh, gw)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,19 +174,15 @@ class TileEncoder(nn.Module):
 
 
 def _timm():
+    """timm, or None where it cannot be imported (with the reason)."""
     try:
         import timm
     except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's RuntimeError beside a CPU torch
-        raise TileEncoderError(
-            "timm:<architecture> needs the timm package, which could not be imported "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); timm imports torchvision, whose PyPI "
-            "wheels need the CUDA build of torch. Use 'gigapath', 'uni' or 'vit' (built without timm), or install "
-            "timm with the torchvision build matching your torch") from e
-    return timm
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return timm, ""
 
 
-def _build_timm(arch: str, overrides: dict) -> tuple[nn.Module, int, Preprocess, dict]:
-    timm = _timm()
+def _build_timm(timm, arch: str, overrides: dict) -> tuple[nn.Module, int, Preprocess, dict]:
     pre = {k: overrides.pop(k) for k in list(overrides) if k in _PREPROCESS_KEYS}
     kwargs = {"num_classes": 0, **overrides}
     try:
@@ -328,35 +198,67 @@ def _build_timm(arch: str, overrides: dict) -> tuple[nn.Module, int, Preprocess,
     return model, int(model.num_features), preprocess, {"architecture": arch, **kwargs}
 
 
+def _build_vit(name: str, spec: EncoderSpec, overrides: dict) -> tuple[nn.Module, int, Preprocess, ViTConfig]:
+    """The in-house ViT of ``spec`` with architecture and preprocessing ``overrides``."""
+    pre = {k: overrides.pop(k) for k in list(overrides) if k in _PREPROCESS_KEYS}
+    known = {f for f in ViTConfig.__dataclass_fields__}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TileEncoderError(f"unknown override(s) {unknown} for tile encoder {name!r}; "
+                               f"known: {sorted(known | _PREPROCESS_KEYS)}")
+    vit = replace(spec.vit, **overrides)
+    preprocess = spec.preprocess
+    if vit.img_size != spec.vit.img_size:
+        preprocess = replace(preprocess, resize=vit.img_size, crop=vit.img_size)
+    preprocess = replace(preprocess, **pre)
+    return ViT(vit), vit.embed_dim, preprocess, vit
+
+
+def _timm_vit_spec(arch: str) -> EncoderSpec:
+    t = TIMM_VITS[arch]
+    return EncoderSpec(t.config(), Preprocess(resize=int(math.floor(t.img_size / t.crop_pct)), crop=t.img_size,
+                                              mean=t.mean, std=t.std), "timm " + arch)
+
+
+def _build_timm_arch(arch: str, overrides: dict) -> tuple[nn.Module, int, Preprocess, dict]:
+    """``timm:<arch>``: timm itself where it imports, else the in-house ViT for the plain ViTs of
+    :data:`TIMM_VITS` (the same key names, so the same weight files load)."""
+    timm, why = _timm()
+    if timm is not None:
+        return _build_timm(timm, arch, overrides)
+    if arch not in TIMM_VITS:
+        raise TileEncoderError(
+            f"timm:{arch} needs the timm package, which could not be imported ({why}); timm imports torchvision, "
+            "whose PyPI wheels need the CUDA build of torch. Without timm, timm:<arch> covers the plain ViTs "
+            f"{sorted(TIMM_VITS)}; or use 'gigapath', 'uni' or 'vit', or install timm with the torchvision "
+            "build matching your torch")
+    if overrides.pop("num_classes", 0) != 0:
+        raise TileEncoderError(f"timm:{arch} without timm has no classifier head: num_classes must be 0")
+    given = dict(overrides)
+    backbone, dim, preprocess, _ = _build_vit(f"timm:{arch}", _timm_vit_spec(arch), overrides)
+    return backbone, dim, preprocess, {"architecture": arch, "num_classes": 0, **given}
+
+
 def build_tile_encoder(name: str, weights: str | os.PathLike | Mapping | None = None, **overrides) -> TileEncoder:
     """Build the tile encoder ``name`` and, with ``weights``, load them strictly.
 
-    ``name``: ``gigapath``, ``uni``, ``vit`` or ``timm:<architecture>``. ``overrides``: architecture
-    fields (:class:`ViTConfig`: ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``,
-    ``mlp_ratio``, ``init_values``, ``swiglu``, ``dynamic_img_size``; for ``timm:`` any
-    ``create_model`` argument) and preprocessing fields (``resize``, ``crop``, ``mean``, ``std``,
-    ``interpolation``). Changing ``img_size`` without ``crop``/``resize`` sets both to it.
+    ``name``: ``gigapath``, ``uni``, ``vit`` or ``timm:<architecture>`` (timm where it imports; without
+    it the plain ViTs of :data:`TIMM_VITS`, e.g. ``timm:vit_tiny_patch16_224``, are built in-house with
+    timm's default preprocessing). ``overrides``: architecture fields (:class:`ViTConfig`: ``img_size``,
+    ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``init_values``, ``swiglu``,
+    ``dynamic_img_size``; for ``timm:`` with timm any ``create_model`` argument) and preprocessing fields
+    (``resize``, ``crop``, ``mean``, ``std``, ``interpolation``). Changing ``img_size`` without
+    ``crop``/``resize`` sets both to it.
     ``weights``: a ``.safetensors`` file, a ``.bin``/``.pth``/``.pt`` state dict, or a state dict.
     The encoder comes back in eval mode with ``requires_grad`` off (frozen); build it inside
     ``with torch.device("meta"):`` to inspect it without memory.
     """
     overrides = dict(overrides)
     if name.startswith("timm:"):
-        backbone, dim, preprocess, config = _build_timm(name[len("timm:"):], overrides)
+        backbone, dim, preprocess, config = _build_timm_arch(name[len("timm:"):], overrides)
     elif name in NAMED:
-        spec = NAMED[name]
-        pre = {k: overrides.pop(k) for k in list(overrides) if k in _PREPROCESS_KEYS}
-        known = {f for f in ViTConfig.__dataclass_fields__}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TileEncoderError(f"unknown override(s) {unknown} for tile encoder {name!r}; "
-                                   f"known: {sorted(known | _PREPROCESS_KEYS)}")
-        vit = replace(spec.vit, **overrides)
-        preprocess = spec.preprocess
-        if vit.img_size != spec.vit.img_size:
-            preprocess = replace(preprocess, resize=vit.img_size, crop=vit.img_size)
-        preprocess = replace(preprocess, **pre)
-        backbone, dim, config = ViT(vit), vit.embed_dim, {"architecture": name, **vit.__dict__}
+        backbone, dim, preprocess, vit = _build_vit(name, NAMED[name], overrides)
+        config = {"architecture": name, **vit.__dict__}
     else:
         raise TileEncoderError(f"unknown tile encoder {name!r}; use one of {sorted(NAMED)} or timm:<architecture>")
     encoder = TileEncoder(name, backbone, dim, preprocess, config)
@@ -445,21 +347,22 @@ def save_tile_weights(encoder: TileEncoder, path: str | os.PathLike) -> None:
 
 
 def load_tile_encoder(weights: str | os.PathLike, name: str | None = None, **overrides) -> TileEncoder:
-    """A tile encoder from a weights file; without ``name``, the name and architecture written into
-    the file's safetensors metadata by :func:`save_tile_weights` (``overrides`` win)."""
+    """A tile encoder from a weights file. The name and architecture written into the file's safetensors
+    metadata by :func:`save_tile_weights` are used when ``name`` is None or the same name (``overrides``
+    win); a file without them (a published ``pytorch_model.bin``) needs ``name``."""
     import json
 
     path = Path(os.fspath(weights))
-    if name is None:
-        meta = {}
-        if path.suffix == ".safetensors" and path.is_file():
-            from safetensors import safe_open
+    meta = {}
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        if "tile_encoder" not in meta:
-            raise TileEncoderError(f"{path}: the file does not say which tile encoder it holds; "
-                                   f"name one ({sorted(NAMED)} or timm:<architecture>)")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    if name is None and "tile_encoder" not in meta:
+        raise TileEncoderError(f"{path}: the file does not say which tile encoder it holds; "
+                               f"name one ({sorted(NAMED)} or timm:<architecture>)")
+    if name is None or meta.get("tile_encoder") == name:
         name = meta["tile_encoder"]
         saved = json.loads(meta.get("config", "{}"))
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}

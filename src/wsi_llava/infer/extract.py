@@ -1,0 +1,194 @@
+"""`wsi-llava extract SLIDES_OR_DIRS --out DIR --weights W`: tile features from the user's own slides.
+
+Each slide (a file, or every slide file directly inside a folder: :func:`~wsi_llava.data.wsi_reader.find_slides`)
+is opened through OpenSlide, its tissue segmented on a thumbnail, tiled at ``--magnification`` /
+``--tile-size`` and encoded by the frozen tile encoder (:mod:`.extract_slide`). Output in ``DIR``:
+
+- ``features/<slide_id>.h5`` — TRIDENT's layout: ``features`` [N, D] float32, ``coords`` [N, 2] int64
+  (x, y, level-0 pixels) carrying ``patch_size``, ``patch_size_level0``, ``level0_magnification``,
+  ``target_magnification``, ``overlap``, ``level0_width``, ``level0_height``; read by
+  :func:`~wsi_llava.data.slides.load_slide` and by ``wsi-llava import --h5-root DIR``;
+- ``tissue/<slide_id>.geojson`` — the tissue mask (QuPath annotations, level-0 coordinates);
+- ``thumbnails/<slide_id>.png`` — the thumbnail with the tissue outline and the tiles drawn;
+- ``slides.csv`` — one row per extracted slide (:data:`COLUMNS`);
+- ``errors.jsonl`` — one object per slide that could not be extracted (``slide``, ``slide_id``, ``error``).
+
+Resumable: every file is written under a temporary name and renamed; the H5 file is written last, so a
+slide whose H5 exists, is complete and records the same settings (:func:`extraction_key`: encoder and
+weights SHA-256, magnification, tile size, tissue threshold, slide size) is skipped. An unreadable or
+corrupt slide is listed in ``errors.jsonl`` and the cohort goes on; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.tissue import MIN_TISSUE_FRACTION
+from ..data.wsi_reader import WsiError, find_slides, read_mpp_csv
+from ..errors import MissingFileError, WsiLlavaError
+from ..fileio import atomic_write_text, sha256_file
+from ..precision import Precision, add_precision_arguments, resolve_precision
+
+COLUMNS = ("slide_id", "slide_path", "h5_path", "n_tiles", "mpp", "level0_magnification", "target_magnification",
+           "patch_size", "patch_size_level0", "level0_width", "level0_height", "geojson_path", "thumbnail_path")
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """What decides the tiles and their features (``encoder_id``: encoder name + weights SHA-256)."""
+
+    encoder_id: str
+    magnification: float = 20.0
+    tile_size: int = 256
+    min_tissue: float = MIN_TISSUE_FRACTION
+    batch_size: int = 64
+    workers: int = 1
+
+
+def extraction_key(settings: ExtractSettings, slide: Path) -> str:
+    """The identity of one slide's extraction; a finished H5 holding another key is redone."""
+    return json.dumps({"encoder": settings.encoder_id, "magnification": settings.magnification,
+                       "tile_size": settings.tile_size, "min_tissue": settings.min_tissue,
+                       "slide": str(slide.resolve()), "slide_bytes": slide.stat().st_size}, sort_keys=True)
+
+
+def finished_row(h5: Path, key: str | None, out: Path) -> dict | None:
+    """The ``slides.csv`` row of a complete H5 file (made with ``key`` unless None), else None."""
+    import h5py
+
+    try:
+        with h5py.File(h5, "r") as f:
+            if "features" not in f or "coords" not in f or f["features"].shape[0] != f["coords"].shape[0]:
+                return None
+            if key is not None and f.attrs.get("extraction") != key:
+                return None
+            a, slide_id = dict(f["coords"].attrs), h5.stem
+            return {"slide_id": slide_id, "slide_path": str(f.attrs.get("source_slide", "")),
+                    "h5_path": str(h5.relative_to(out)), "n_tiles": int(f["features"].shape[0]),
+                    "mpp": float(f.attrs.get("mpp", 0.0)),
+                    **{k: a.get(k) for k in COLUMNS if k in a},
+                    "geojson_path": f"tissue/{slide_id}.geojson", "thumbnail_path": f"thumbnails/{slide_id}.png"}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_table(out: Path, rows: list[dict], errors: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: r["slide_id"]))
+    atomic_write_text(out / "slides.csv", buf.getvalue())
+    atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+
+
+def check_unique_ids(slides: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for s in slides:
+        if s.stem in seen:
+            raise WsiLlavaError(f"two slides have the id {s.stem!r}: {seen[s.stem]} and {s}; the outputs are named "
+                                "by file stem, so extract them into different --out folders")
+        seen[s.stem] = s
+
+
+def extract_cohort(slides: list[Path], out: str | os.PathLike, encoder, settings: ExtractSettings,
+                   mpp_table: dict[str, float] | None = None, device: str = "cpu",
+                   precision: Precision | None = None, progress: bool = True) -> dict:
+    """Extract every slide of ``slides`` not yet finished into ``out``; returns counts
+    ``{"extracted", "skipped", "failed", "tiles"}`` (tiles: written in this run)."""
+    from tqdm import tqdm
+
+    from .extract_slide import encode_tiles, plan_slide, write_h5, write_tissue
+
+    check_unique_ids(slides)
+    out = Path(out)
+    for sub in ("features", "tissue", "thumbnails"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    encoder = encoder.to(device).eval()
+    rows: list[dict] = []
+    errors: list[dict] = []
+    counts = {"extracted": 0, "skipped": 0, "failed": 0, "tiles": 0}
+    with tqdm(slides, desc="extract", unit="slide", disable=not progress) as bar:
+        for slide in bar:
+            target = out / "features" / f"{slide.stem}.h5"
+            key = extraction_key(settings, slide)
+            row = finished_row(target, key, out) if target.exists() else None
+            if row is not None:
+                rows.append(row)
+                counts["skipped"] += 1
+                continue
+            try:
+                plan = plan_slide(slide, settings.magnification, settings.tile_size, settings.min_tissue, mpp_table)
+                write_tissue(plan, out / "tissue" / f"{plan.slide_id}.geojson",
+                             out / "thumbnails" / f"{plan.slide_id}.png")
+                if len(plan.coords) == 0:
+                    raise WsiError(f"{slide}: no tile is at least {settings.min_tissue:.0%} tissue (see "
+                                   f"thumbnails/{plan.slide_id}.png); nothing to encode")
+                features = encode_tiles(plan, encoder, settings.batch_size, settings.workers, device, precision)
+            except WsiLlavaError as e:
+                errors.append({"slide": str(slide), "slide_id": slide.stem, "error": str(e)})
+                counts["failed"] += 1
+                _write_table(out, rows, errors)
+                continue
+            write_h5(plan, features, target, {"extraction": key, "source_slide": str(slide.resolve()),
+                                              "mpp": plan.mpp, "tile_encoder": settings.encoder_id,
+                                              "tissue_threshold": settings.min_tissue})
+            rows.append(finished_row(target, None, out))
+            counts["extracted"] += 1
+            counts["tiles"] += len(features)
+            bar.set_postfix(tiles=counts["tiles"], failed=counts["failed"])
+            _write_table(out, rows, errors)
+    _write_table(out, rows, errors)
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slides", nargs="+", metavar="SLIDES_OR_DIRS",
+                        help="slide files, or folders whose slide files (.svs .tif .tiff .ndpi .mrxs …) are all taken")
+    parser.add_argument("--out", required=True, help="output folder (features/, tissue/, thumbnails/, slides.csv)")
+    parser.add_argument("--weights", required=True, help="tile encoder weights (.safetensors / .bin), local only")
+    parser.add_argument("--encoder", help="gigapath | uni | vit | timm:<arch> (default: the name in --weights' "
+                                          "safetensors metadata)")
+    parser.add_argument("--magnification", type=float, default=20.0, help="magnification tiles are taken at (20)")
+    parser.add_argument("--tile-size", type=int, default=256, help="tile side in pixels at --magnification (256)")
+    parser.add_argument("--min-tissue", type=float, default=MIN_TISSUE_FRACTION,
+                        help=f"keep a tile when at least this share of it is tissue ({MIN_TISSUE_FRACTION})")
+    parser.add_argument("--mpp-csv", help="CSV with columns slide,mpp: pixel size (µm) of slides that lack it "
+                                          "(or to override it); slide = file name or stem")
+    parser.add_argument("--batch-size", type=int, default=64, help="tiles per encoder forward (64)")
+    parser.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
+                        help="tile-reading worker processes (default: cores - 1, at most 4; 0 = read in this process)")
+    add_precision_arguments(parser, device=True)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..model.tile_encoder import load_tile_encoder
+    from .shard import device_for
+
+    if args.magnification <= 0 or args.tile_size < 1 or args.batch_size < 1 or args.workers < 0:
+        raise WsiLlavaError("--magnification, --tile-size and --batch-size must be positive and --workers >= 0")
+    if not 0.0 <= args.min_tissue <= 1.0:
+        raise WsiLlavaError(f"--min-tissue {args.min_tissue}: expected a share between 0 and 1")
+    if not Path(args.weights).is_file():
+        raise MissingFileError(f"--weights {args.weights}: file not found; check the path")
+    slides = find_slides(args.slides)
+    if not slides:
+        raise WsiLlavaError(f"no slide files in {', '.join(args.slides)}")
+    mpp_table = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
+    encoder = load_tile_encoder(args.weights, args.encoder)
+    device = device_for(args.device, None)
+    precision = resolve_precision(args.precision, device, force=args.force_precision)
+    settings = ExtractSettings(f"{encoder.name}:{sha256_file(args.weights)}", args.magnification, args.tile_size,
+                               args.min_tissue, args.batch_size, args.workers)
+    counts = extract_cohort(slides, args.out, encoder, settings, mpp_table, device, precision,
+                            progress=not args.no_progress)
+    print(f"extracted {counts['extracted']} slide(s) ({counts['tiles']} tiles), skipped {counts['skipped']} already "
+          f"done, {counts['failed']} failed -> {Path(args.out) / 'slides.csv'}"
+          + (f"; see {Path(args.out) / 'errors.jsonl'}" if counts["failed"] else ""))
+    return 1 if counts["failed"] else 0
