@@ -18,9 +18,7 @@ Shapes: B batch, N tiles, L = 1 + N tokens, D embed width, Din tile-feature widt
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +26,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.tower_output import TowerOutput
-from ..errors import MissingFileError
 from .configuration import SlideEncoderConfig
 from .dilated_attention import dilated_attention
+from .weights import read_state_dict
 
 __all__ = [
     "SlideEncoder",
@@ -332,28 +330,7 @@ IGNORED_KEYS = ("pos_embed",)
 
 
 def _read_state_dict(source) -> dict[str, torch.Tensor]:
-    if isinstance(source, Mapping):
-        sd = source
-        where = "the given state dict"
-    else:
-        path = Path(os.fspath(source))
-        where = str(path)
-        if not path.is_file():
-            raise MissingFileError(f"slide encoder weights not found: {path}; check the path")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - re-raised with the file named
-                raise ValueError(f"{path}: cannot read slide encoder weights ({type(e).__name__}: {e})") from e
-    if "model" in sd and isinstance(sd["model"], Mapping):
-        sd = sd["model"]
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{where}: not a state dict of tensors (non-tensor entries: {bad[:5]})")
+    sd, _ = read_state_dict(source, "slide encoder")
     return {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
 
 

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from wsi_llava.errors import MissingFileError
 
 from .vit import TIMM_VITS, TileEncoderError, ViT, ViTConfig
+from .weights import read_state_dict
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NAMED", "TIMM_VITS", "Preprocess", "TileEncoder", "TileEncoderError",
-           "ViT", "ViTConfig", "build_tile_encoder", "load_tile_encoder", "load_tile_weights", "read_state_dict",
+           "ViT", "ViTConfig", "build_tile_encoder", "load_tile_encoder", "load_tile_weights",
            "save_tile_weights"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -271,43 +271,9 @@ def build_tile_encoder(name: str, weights: str | os.PathLike | Mapping | None = 
 # ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
-def read_state_dict(source) -> tuple[dict[str, torch.Tensor], str]:
-    """A state dict from a file (safetensors, or torch.load with weights_only=True) or a mapping."""
-    if isinstance(source, Mapping):
-        sd, where = dict(source), "the given state dict"
-    else:
-        path = Path(os.fspath(source))
-        where = str(path)
-        if not path.is_file():
-            raise MissingFileError(f"tile encoder weights not found: {path}; check the path")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            try:
-                sd = load_file(str(path))
-            except Exception as e:  # noqa: BLE001 - re-raised with the file named
-                raise TileEncoderError(f"{path}: cannot read safetensors weights ({type(e).__name__}: {e})") from e
-        else:
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - a pickle needing a class is refused here
-                first = str(e).splitlines()[0] if str(e) else ""
-                raise TileEncoderError(f"{path}: refused or unreadable tile encoder weights (read with "
-                                       f"weights_only=True: {type(e).__name__}: {first})") from e
-    for wrapper in ("model", "state_dict"):
-        if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
-            sd = sd[wrapper]
-    if not isinstance(sd, Mapping):
-        raise TileEncoderError(f"{where}: not a state dict (a {type(sd).__name__})")
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise TileEncoderError(f"{where}: not a state dict of tensors (non-tensor entries: {bad[:5]})")
-    return dict(sd), where
-
-
 def load_tile_weights(encoder: TileEncoder, source) -> None:
     """Load ``source`` into ``encoder.backbone`` strictly; every bad key is listed in one error."""
-    sd, where = read_state_dict(source)
+    sd, where = read_state_dict(source, "tile encoder", TileEncoderError)
     own = encoder.backbone.state_dict()
     # a head saved with num_classes=0 is absent; a bare `head.*` from a classifier is unexpected, as it should be
     missing = sorted(set(own) - set(sd))
