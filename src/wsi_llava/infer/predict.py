@@ -42,6 +42,7 @@ from ..precision import add_precision_arguments
 from . import shard
 from .engine import SlideAssistant, zeros_like_slide
 from .generation import GenerationSettings
+from .roi import RoiSlides, add_tile_encoder_arguments
 
 ABLATIONS = ("none", "zero", "shuffle")
 
@@ -231,10 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_subset_arguments(parser)
     parser.add_argument("--tower-cache", help="folder from `wsi-llava encode` (the model's tower): read cached tower "
                                               "outputs by slide_id instead of running the tower")
-    parser.add_argument("--tile-weights", help="tile encoder weights (.safetensors / .bin), local only: rows with "
-                                               "an image_path and no h5_path are encoded on the fly")
-    parser.add_argument("--tile-encoder", help="gigapath | uni | vit | timm:<arch> (default: the name in "
-                                               "--tile-weights' metadata); with --tile-weights")
+    add_tile_encoder_arguments(parser, "rows with an image_path and no h5_path are encoded on the fly")
 
 
 def merge_parts(out: Path, records: list[Record]) -> int:
@@ -284,11 +282,8 @@ def main(args: argparse.Namespace) -> int:
                                 "with --tower-cache or a sharded launch; run `wsi-llava encode-roi` first and "
                                 "predict on its manifest")
         if image_only and args.tile_weights:
-            from .roi import RoiSlides
-
-            cfg = assistant.model.config
-            rois = RoiSlides(args.tile_weights, args.tile_encoder, assistant.patches_per_wsi,
-                             cfg.vision_config.get("in_dim", cfg.mm_hidden_size))
+            rois = RoiSlides.for_model(assistant.model.config, args.tile_weights, args.tile_encoder,
+                                       assistant.patches_per_wsi)
         if sh is None:
             counts = predict(assistant, records, out, args.batch_size, settings, args.ablate, args.explain,
                              rois=rois)
