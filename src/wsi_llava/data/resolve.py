@@ -31,8 +31,8 @@ from pathlib import Path
 
 from ..errors import MissingFileError, WsiLlavaError
 
-__all__ = ["H5_SUFFIXES", "AmbiguousSlideError", "SlideNotFoundError", "SlideResolver", "tcga_barcode",
-           "tcga_patient"]
+__all__ = ["H5_SUFFIXES", "AmbiguousSlideError", "SlideNotFoundError", "SlideResolver", "add_slide_root_argument",
+           "slide_argument", "tcga_barcode", "tcga_patient"]
 
 H5_SUFFIXES = (".h5", ".hdf5")
 _PATIENT = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}$", re.IGNORECASE)
@@ -150,3 +150,14 @@ class SlideResolver:
 
     def __len__(self) -> int:
         return self.n_files
+
+
+def add_slide_root_argument(parser) -> None:
+    """``--slide-root DIR``: the option of every command whose ``--slide`` may be a slide name."""
+    parser.add_argument("--slide-root", help="folder of slide H5 files (searched recursively): --slide may then "
+                                             "be a path relative to it, a file stem or a TCGA barcode")
+
+
+def slide_argument(slide: str, root: str | os.PathLike | None) -> str:
+    """``--slide`` as a file path: as given without ``--slide-root``, else resolved under it."""
+    return slide if root is None else str(SlideResolver(root).resolve(slide))
