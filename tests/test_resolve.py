@@ -70,3 +70,60 @@ def test_list_of_files_and_missing_folder(root, tmp_path):
     assert r.resolve(str(files[1])) == files[1]  # the path as given
     with pytest.raises(WsiLlavaError, match="not a folder"):
         SlideResolver(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llm, tmp_path_factory):
+    import torch
+
+    from wsi_llava.model.wsi_llava import WsiLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model, tok = WsiLlavaForConditionalGeneration.from_llm(tiny_llm, vision_mode="none", mm_hidden_size=16,
+                                                           image_seq_length=4, vision_feature_select_mode="prompt_topk")
+    out = tmp_path_factory.mktemp("resolve_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_chat_and_predict_name_slides_through_the_resolver(model_dir, cohort, tmp_path, capsys):
+    import csv
+    import json
+
+    from wsi_llava.cli import main as cli
+
+    slide = cohort.slides[0]
+    common = ["--model", str(model_dir), "--device", "cpu", "--precision", "fp32", "--max-new-tokens", "3"]
+    q = ["--question", "What is the diagnosis?"]
+    assert cli(["chat", *common, "--slide", str(slide), *q]) == 0
+    by_path = capsys.readouterr().out
+    assert cli(["chat", *common, "--slide", slide.stem, "--slide-root", str(slide.parent), *q]) == 0
+    assert capsys.readouterr().out == by_path
+    assert cli(["chat", *common, "--slide", slide.stem + "x", "--slide-root", str(slide.parent), *q]) == 2
+    assert f"did you mean '{slide.stem}'" in capsys.readouterr().err
+
+    # predict --slide-root: h5_path from another machine; rows found by slide_id instead
+    with open(cohort.test_csv, newline="") as f:
+        rows = list(csv.DictReader(f))[:3]
+    moved = tmp_path / "moved.csv"
+    with open(moved, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "h5_path": "/elsewhere/" + r["h5_path"]})
+        w.writerow({**rows[0], "h5_path": "/elsewhere/x.h5", "slide_id": rows[0]["slide_id"] + "-typo"})
+    p_ref, p_moved = tmp_path / "ref.jsonl", tmp_path / "moved.jsonl"
+    with open(tmp_path / "ref.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "h5_path": str(cohort.root / r["h5_path"])} for r in rows)
+    assert cli(["predict", *common, "--data", str(tmp_path / "ref.csv"), "--out", str(p_ref)]) == 0
+    assert cli(["predict", *common, "--data", str(moved), "--out", str(p_moved), "--slide-root",
+                str(cohort.root)]) == 1  # the typo row is an error line
+    ref = [json.loads(line)["prediction"] for line in p_ref.read_text().splitlines()]
+    got = [json.loads(line)["prediction"] for line in p_moved.read_text().splitlines()]
+    assert got == ref
+    errors = [json.loads(line) for line in (tmp_path / "moved.errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and "did you mean" in errors[0]["error"] and rows[0]["slide_id"] in errors[0]["error"]

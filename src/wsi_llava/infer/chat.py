@@ -42,6 +42,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--slide-id only applies with --tower-cache")
     if args.image and args.tower_cache:
         raise SystemExit("--tower-cache reads cached slide files; with --image the tiles are encoded now")
+    if args.image and args.slide_root:
+        raise SystemExit("--slide-root finds a --slide by name; --image is a path")
     if args.image and not args.tile_weights:
         raise SystemExit("--image needs --tile-weights (the tile encoder's local weights file)")
     assistant = SlideAssistant.from_pretrained(args.model, tower_cache=args.tower_cache, device=args.device,

@@ -408,6 +408,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--patch-size must be >= 1, got {args.patch_size}")
     if not args.slide and not args.image:
         raise SystemExit("give --slide (a slide H5 file) or --image (an ROI image, with --tile-weights)")
+    if args.slide_root and not args.slide:
+        raise SystemExit("--slide-root finds a --slide by name; an ROI --image is a path")
     if args.slide and args.tile_weights:
         raise SystemExit("--tile-weights encodes an ROI --image; with --slide the features come from the H5 file")
     assistant = SlideAssistant.from_pretrained(args.model, device=args.device, precision=args.precision,
