@@ -83,7 +83,8 @@ def test_cli_png_and_geojson_match_the_selection(prumerge_model, cohort, tmp_pat
     doc = json.loads(gj.read_text())
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(kept) == 6
     assert doc["wsi_llava"]["selector"] == "prumerge" and doc["wsi_llava"]["budget"] == 6
-    assert doc["wsi_llava"]["patch_size"] == 256 and doc["wsi_llava"]["patch_size_source"] == "attribute patch_size (file)"
+    meta = doc["wsi_llava"]
+    assert meta["patch_size"] == 256 and meta["patch_size_source"] == "attribute patch_size (file)"
     with Image.open(png) as im:  # the PNG's metadata says it too
         assert "tile size 256 px: attribute patch_size (file)" in im.info["Description"]
     assert sorted(f["properties"]["index"] for f in doc["features"]) == kept
@@ -254,3 +255,18 @@ def test_roi_image_heatmap_marks_the_kept_tiles(prumerge_model, tmp_path, capsys
     # ROI options are for ROI mode only; an ROI needs its tile encoder
     with pytest.raises(SystemExit, match="tile-weights"):
         cli(["heatmap", "--model", str(prumerge_model), "--image", str(image), "--out", str(png)])
+
+
+def test_roi_overlay_without_scores_marks_kept_tiles_orange(tmp_path):
+    from wsi_llava.infer.heatmap import UNSCORED_RGB, draw_roi_overlay
+
+    image = tmp_path / "small.png"
+    Image.fromarray(np.zeros((40, 80, 3), np.uint8)).save(image)  # 1 × 2 tiles of 40 px
+    sel = TileSelection(coords=np.array([[0, 0], [40, 0]], dtype=float), indices=np.array([1]), scores=None,
+                        selector="random_sample", budget=1, question="q", patch_size=40, slide=str(image),
+                        patch_size_source="test")
+    px = _pixels(draw_roi_overlay(sel, image, tmp_path / "o.png", min_side=80))  # factor 1: pixel-aligned
+    assert px.shape == (40, 80, 3)
+    assert tuple(px[0, 40]) == KEPT_RGB and tuple(px[20, 0]) != KEPT_RGB  # the kept tile's outline only
+    assert np.allclose(px[20, 60], 0.45 * np.array(UNSCORED_RGB[1]), atol=1)  # kept: orange tint on black
+    assert np.allclose(px[20, 20], 0.45 * np.array(UNSCORED_RGB[0]), atol=1)  # not kept: grey tint

@@ -47,6 +47,8 @@ SCORE_LABELS = {
 OBJECT_TYPES = ("annotation", "detection", "tile")
 #: Outline / classification colour of the kept tiles (RGB).
 KEPT_RGB = (255, 48, 48)
+#: Tile colours without scores (RGB): not kept, kept.
+UNSCORED_RGB = ((200, 200, 200), (255, 159, 28))
 
 
 @dataclass
@@ -261,7 +263,7 @@ def draw_heatmap(sel: TileSelection, out: str | Path, image: str | Path | None =
     else:
         values = np.zeros(len(coords))
         values[kept] = 1.0
-        colormap, label = ListedColormap(["#c8c8c8", "#ff9f1c"]), None
+        colormap, label = ListedColormap([np.array(c) / 255.0 for c in UNSCORED_RGB]), None
     grid, extent = _tile_grid(coords, values, s)
 
     thumb = None
@@ -302,7 +304,8 @@ def draw_heatmap(sel: TileSelection, out: str | Path, image: str | Path | None =
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"Description": f"tile size {s} px: {sel.patch_size_source or 'given'}"} if out.suffix.lower() == ".png" else None
+    png = out.suffix.lower() == ".png"
+    meta = {"Description": f"tile size {s} px: {sel.patch_size_source or 'given'}"} if png else None
     fig.savefig(out, dpi=dpi, metadata=meta)
     plt.close(fig)
     return out
@@ -335,8 +338,8 @@ def draw_roi_overlay(sel: TileSelection, image: str | Path, out: str | Path, cma
         span = float(v.max() - v.min())
         colours = plt.get_cmap(cmap)((v - v.min()) / span if span > 0 else np.full_like(v, 0.5))[:, :3] * 255
     else:
-        colours = np.tile(np.array([200.0, 200.0, 200.0]), (len(sel.coords), 1))
-        colours[kept] = (255.0, 159.0, 28.0)
+        colours = np.tile(np.array(UNSCORED_RGB[0], dtype=np.float64), (len(sel.coords), 1))
+        colours[kept] = UNSCORED_RGB[1]
     s, line = sel.patch_size * f, max(1, sel.patch_size * f // 24)
     boxes = [(int(round(x * f)), int(round(y * f))) for x, y in sel.coords]
     for (x, y), c in zip(boxes, colours):
@@ -352,7 +355,8 @@ def draw_roi_overlay(sel: TileSelection, image: str | Path, out: str | Path, cma
 
     info = PngInfo()
     info.add_text("Description", f"{Path(sel.slide).name}: {sel.selector}, k = {sel.budget}, {len(kept)} of "
-                                 f"{len(sel.coords)} tiles kept; tile size {sel.patch_size} px: {sel.patch_size_source}")
+                                 f"{len(sel.coords)} tiles kept; tile size {sel.patch_size} px: "
+                                 f"{sel.patch_size_source}")
     Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8)).save(
         out, pnginfo=info if out.suffix.lower() == ".png" else None)
     return out
