@@ -416,23 +416,23 @@ def test_convert_keeps_other_links_as_links_without_following(tmp_path):
 
 
 def test_other_slide_readers_use_the_checked_open(tmp_path):
-    """Heatmap tile size, the synthetic-cohort lookup, encode's row order and the tower cache open slide
+    """The tile-size rule, the synthetic-cohort lookup, encode's row order and the tower cache open slide
     files through the same check: an external link is refused, never followed."""
+    from wsi_llava.data.tile_size import read_tile_size
     from wsi_llava.data.tower_cache import TowerCache, TowerCacheError, cache_file_name
     from selection_study import planted_lookup  # experiments/ (on sys.path through conftest.py)
-    from wsi_llava.infer.heatmap import read_patch_size
 
     path = build(tmp_path, "external_link_to_fifo")
     with h5py.File(path, "a") as f:
         f["planted"] = np.zeros(N, bool)
     with pytest.raises(SlideError, match="external link"):
-        read_patch_size(path)
+        read_tile_size(path)
     with pytest.raises(SlideError, match="external link"):
         planted_lookup(path)
     fifo_path = str(tmp_path / "fifo.h5")
     os.mkfifo(fifo_path)
     with pytest.raises(SlideError, match="not a regular file"):
-        read_patch_size(fifo_path)
+        read_tile_size(fifo_path)
     cache = tmp_path / "cache"
     cache.mkdir()
     with h5py.File(cache / cache_file_name("s1"), "w") as f:

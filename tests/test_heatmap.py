@@ -13,7 +13,8 @@ from PIL import Image
 
 from wsi_llava.cli import main as cli
 from wsi_llava.infer.engine import SlideAssistant
-from wsi_llava.infer.heatmap import (TileSelection, draw_heatmap, read_patch_size, select_tiles, thumbnail_scale,
+from wsi_llava.data.tile_size import TileSizeError, read_tile_size
+from wsi_llava.infer.heatmap import (KEPT_RGB, TileSelection, draw_heatmap, figure_title, select_tiles, thumbnail_scale,
                                      to_geojson)
 from wsi_llava.model.wsi_llava import WsiLlavaForConditionalGeneration
 
@@ -63,7 +64,8 @@ def test_cli_png_and_geojson_match_the_selection(prumerge_model, cohort, tmp_pat
     png, gj = tmp_path / "map.png", tmp_path / "sel.geojson"
     assert cli(["heatmap", "--model", str(prumerge_model), "--slide", slide, "--out", str(png),
                 "--geojson", str(gj)]) == 0
-    assert "kept 6 of" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kept 6 of" in printed and "tile size 256 px (from attribute patch_size (file))" in printed
     px = _pixels(png)
     assert px.shape[0] > 200 and px.shape[1] > 200 and px.std() > 20  # a real picture, not a blank canvas
     assert png.stat().st_size > 10_000
@@ -81,6 +83,10 @@ def test_cli_png_and_geojson_match_the_selection(prumerge_model, cohort, tmp_pat
     doc = json.loads(gj.read_text())
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(kept) == 6
     assert doc["wsi_llava"]["selector"] == "prumerge" and doc["wsi_llava"]["budget"] == 6
+    meta = doc["wsi_llava"]
+    assert meta["patch_size"] == 256 and meta["patch_size_source"] == "attribute patch_size (file)"
+    with Image.open(png) as im:  # the PNG's metadata says it too
+        assert "tile size 256 px: attribute patch_size (file)" in im.info["Description"]
     assert sorted(f["properties"]["index"] for f in doc["features"]) == kept
     all_tiles = _tile_coords(slide)
     for f in doc["features"]:
@@ -152,24 +158,43 @@ def test_thumbnail_scale():
 
 
 def test_patch_size_from_attributes(cohort, tmp_path):
+    """heatmap reads the data layer's one tile-size rule (tests/test_tile_size.py has the rule itself)."""
     src = cohort.slides[0]
-    assert read_patch_size(src) == 256
+    assert read_tile_size(src).size == 256
     path = tmp_path / "s.h5"
     shutil.copy(src, path)
     with h5py.File(path, "a") as f:
         del f.attrs["patch_size"]
-    assert read_patch_size(path) == 256  # default
+    assert read_tile_size(path).size == 256 and "spacing" in read_tile_size(path).source  # the 256-px grid
     with h5py.File(path, "a") as f:  # CLAM: patch_size at patch_level 1 with downsample 4
         key = "coords" if "coords" in f else "coords_yx"
         f[key].attrs.update({"patch_size": 256, "patch_level": 1, "downsample": np.array([4.0, 4.0])})
-    assert read_patch_size(path) == 1024
+    assert read_tile_size(path).size == 1024
     with h5py.File(path, "a") as f:  # TRIDENT's level-0 size wins
         f.attrs["patch_size_level0"] = 512
-    assert read_patch_size(path) == 512
+    assert read_tile_size(path).size == 512
     with h5py.File(path, "a") as f:
         f.attrs["patch_size_level0"] = -3
-    with pytest.raises(ValueError, match="s.h5.*patch_size_level0"):
-        read_patch_size(path)
+    with pytest.raises(TileSizeError, match="s.h5.*patch_size_level0"):
+        read_tile_size(path)
+
+
+def test_long_slide_names_are_wrapped_not_clipped(tmp_path):
+    import matplotlib
+
+    name = ("TCGA-A1-A0SB-01Z-00-DX1." + "0123456789abcdef" * 8)[:117] + ".h5"
+    assert len(name) == 120
+    sel = TileSelection(coords=np.array([[0, 0], [256, 0]], dtype=float), indices=np.array([1]),
+                        scores=None, selector="random_sample", budget=1, question="q", patch_size=256,
+                        slide=str(tmp_path / name))
+    title = figure_title(sel)
+    assert name in title.replace("\n", "") and max(len(line) for line in title.split("\n")) < 100
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # the figure's own title text, read back from an SVG
+        svg = draw_heatmap(sel, tmp_path / "long.svg").read_text()
+    import re
+
+    texts = "".join(re.findall(r"<text[^>]*>([^<]*)</text>", svg))
+    assert name in texts.replace(" ", "").replace("\n", "")
 
 
 def test_repeated_indices_and_overlapping_tiles(tmp_path):
@@ -190,3 +215,58 @@ def test_missing_slide_names_the_file(prumerge_model, tmp_path):
     missing = tmp_path / "nope.h5"
     with pytest.raises(Exception, match="nope.h5"):
         cli(["--debug", "heatmap", "--model", str(prumerge_model), "--slide", str(missing), "--out", str(tmp_path / "m.png")])
+
+
+def test_roi_image_heatmap_marks_the_kept_tiles(prumerge_model, tmp_path, capsys):
+    """heatmap --image (ROI mode, issue #15): the ROI is tiled, encoded, and the kept tiles outlined on it."""
+    from wsi_llava.model.tile_encoder import build_tile_encoder, save_tile_weights
+
+    torch.manual_seed(0)
+    enc = build_tile_encoder("vit", img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, init_values=1e-5)
+    weights = tmp_path / "tile.safetensors"
+    save_tile_weights(enc, weights)
+    rng = np.random.default_rng(0)
+    arr = np.full((96, 160, 3), 128, np.uint8)  # 3 × 5 tiles of 32 px; a grey image with noise
+    arr = np.clip(arr + rng.normal(0, 10, arr.shape), 0, 255).astype(np.uint8)
+    image, png, gj = tmp_path / "roi.png", tmp_path / "roi_map.png", tmp_path / "roi.geojson"
+    Image.fromarray(arr).save(image)
+    assert cli(["heatmap", "--model", str(prumerge_model), "--image", str(image), "--tile-weights", str(weights),
+                "--out", str(png), "--geojson", str(gj)]) == 0
+    out = capsys.readouterr().out
+    assert "kept 6 of 15 tiles" in out and "tile size 32 px (from the tile encoder's tile size" in out
+    px = _pixels(png)
+    h, w, _ = px.shape
+    assert h * 160 == w * 96 and h >= 96  # the image's aspect
+    f = h // 96
+    doc = json.loads(gj.read_text())
+    kept = {tuple(f_["geometry"]["coordinates"][0][0]) for f_ in doc["features"]}
+    assert len(kept) == 6 and doc["wsi_llava"]["patch_size"] == 32
+    red = np.all(px == np.array(KEPT_RGB, dtype=float), axis=2)
+    for y in range(0, 96, 32):
+        for x in range(0, 160, 32):
+            box = red[y * f:(y + 32) * f, x * f:(x + 32) * f]
+            if (x, y) in kept:  # outlined: the whole border is the kept colour, the centre is not
+                assert box[0].all() and box[-1].all() and box[:, 0].all() and box[:, -1].all()
+                assert not box[box.shape[0] // 2, box.shape[1] // 2]
+            else:
+                assert not box.any()
+            centre = px[(y + 16) * f, (x + 16) * f]
+            assert np.abs(centre - arr[y + 16, x + 16]).max() > 10  # every tile is tinted by its score
+    # ROI options are for ROI mode only; an ROI needs its tile encoder
+    with pytest.raises(SystemExit, match="tile-weights"):
+        cli(["heatmap", "--model", str(prumerge_model), "--image", str(image), "--out", str(png)])
+
+
+def test_roi_overlay_without_scores_marks_kept_tiles_orange(tmp_path):
+    from wsi_llava.infer.heatmap import UNSCORED_RGB, draw_roi_overlay
+
+    image = tmp_path / "small.png"
+    Image.fromarray(np.zeros((40, 80, 3), np.uint8)).save(image)  # 1 × 2 tiles of 40 px
+    sel = TileSelection(coords=np.array([[0, 0], [40, 0]], dtype=float), indices=np.array([1]), scores=None,
+                        selector="random_sample", budget=1, question="q", patch_size=40, slide=str(image),
+                        patch_size_source="test")
+    px = _pixels(draw_roi_overlay(sel, image, tmp_path / "o.png", min_side=80))  # factor 1: pixel-aligned
+    assert px.shape == (40, 80, 3)
+    assert tuple(px[0, 40]) == KEPT_RGB and tuple(px[20, 0]) != KEPT_RGB  # the kept tile's outline only
+    assert np.allclose(px[20, 60], 0.45 * np.array(UNSCORED_RGB[1]), atol=1)  # kept: orange tint on black
+    assert np.allclose(px[20, 20], 0.45 * np.array(UNSCORED_RGB[0]), atol=1)  # not kept: grey tint

@@ -1,7 +1,8 @@
 """`wsi-llava import {wsi-bench,slidebench,slidechat} FILES... --h5-root DIR --out manifest.csv`.
 
 Converts public benchmark files to our manifest CSV, matching each slide to an H5 file under
-``--h5-root`` (exact stem, then TCGA slide barcode; see :mod:`wsi_llava.data.importers`). Items that
+``--h5-root`` (relative path, exact stem, then TCGA slide barcode: :mod:`wsi_llava.data.resolve`, see
+:mod:`wsi_llava.data.importers`). Items that
 cannot be imported — slide not found, ambiguous, malformed — are written to
 ``<out>.unmatched.csv`` with the reason and counted in the summary; none is dropped silently.
 Exit status 1 when nothing matched, or with ``--strict`` when anything was left out.

@@ -13,13 +13,14 @@ reason, never a silent drop):
   ``image`` is a list holding one per-slide feature file (``<slide id>.csv``); ``<image>`` may sit
   anywhere in the human turn.
 
-Slide matching (:class:`SlideIndex`): every ``*.h5``/``*.hdf5`` under ``--h5-root`` (recursively) is
-indexed by file stem. A slide id matches (1) the file whose stem equals it exactly; else (2) for TCGA
-ids, the file whose *slide barcode* — the part before the first ``.``, e.g.
-``TCGA-21-1083-01Z-00-DX1`` — equals the id's barcode (case-insensitive), so
-``TCGA-21-1083-01Z-00-DX1`` matches ``TCGA-21-1083-01Z-00-DX1.8288ca92-….h5`` and vice versa. Never
-coarser (two slides of one patient never match each other). Several candidate files at the same
-step → ambiguous → not matched. Unmatched items are listed with the reason.
+Slide matching (:class:`SlideIndex`, the project's one resolver :class:`~wsi_llava.data.resolve.SlideResolver`):
+every ``*.h5``/``*.hdf5`` under ``--h5-root`` (recursively) is indexed. A slide id matches (0) the file at
+that relative path; else (1) the file whose stem equals it exactly; else (2) for TCGA ids, the file whose
+*slide barcode* — the part before the first ``.``, e.g. ``TCGA-21-1083-01Z-00-DX1`` — equals the id's
+barcode (case-insensitive), so ``TCGA-21-1083-01Z-00-DX1`` matches
+``TCGA-21-1083-01Z-00-DX1.8288ca92-….h5`` and vice versa. Never coarser (two slides of one patient never
+match each other; the patient-barcode step is off here). Several candidate files at the same step →
+ambiguous → not matched. Unmatched items are listed with the reason (close names suggested).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from pathlib import Path
 from ..errors import MissingFileError
 from .choices import LETTERS, choice_letter, parse_inline_options
 from .manifest_writer import write_manifest_csv
+from .resolve import H5_SUFFIXES, AmbiguousSlideError, SlideNotFoundError, SlideResolver, tcga_barcode
 
 SKIPPED_COLUMNS = ("source", "item", "slide_id", "reason", "question")
-H5_SUFFIXES = (".h5", ".hdf5")
 _IMAGE_TAG = re.compile(r"\s*<image>\s*")
 _SPLIT_SUFFIX = re.compile(r"_(test|train|val|valid|validation|dev)$", re.IGNORECASE)
 
@@ -85,13 +86,6 @@ class Skipped:
 
 def _clean_turn(text: str) -> str:
     return _IMAGE_TAG.sub(" ", text or "").strip()
-
-
-def tcga_barcode(slide_id: str) -> str | None:
-    """``TCGA-21-1083-01Z-00-DX1.8288ca92-…`` → ``TCGA-21-1083-01Z-00-DX1`` (None if not a TCGA id)."""
-    if not slide_id.upper().startswith("TCGA-"):
-        return None
-    return slide_id.split(".", 1)[0].upper()
 
 
 def tcga_case(slide_id: str) -> str:
@@ -308,42 +302,23 @@ def read_slidechat(path: str, *, dataset: str | None = None, split: str | None =
 
 
 class SlideIndex:
-    """H5 files under a folder, looked up by slide id (exact stem, then TCGA slide barcode)."""
+    """H5 files under a folder, looked up by slide id: the import's view of a
+    :class:`~wsi_llava.data.resolve.SlideResolver` (relative path, exact stem, then TCGA slide barcode;
+    never the patient barcode, so two slides of one patient never match each other)."""
 
     def __init__(self, root: str | os.PathLike, suffixes: Iterable[str] = H5_SUFFIXES):
         self.root = Path(root)
         if not self.root.is_dir():
             raise MissingFileError(f"--h5-root {self.root}: not a folder; give the folder holding the slide H5 files")
-        suffixes = tuple(s.lower() for s in suffixes)
-        self.by_stem: dict[str, list[str]] = {}
-        self.by_barcode: dict[str, list[str]] = {}
-        for dirpath, _, files in os.walk(self.root):
-            for name in files:
-                if not name.lower().endswith(suffixes):
-                    continue
-                full = os.path.join(dirpath, name)
-                stem = name[: name.rfind(".")]
-                self.by_stem.setdefault(stem, []).append(full)
-                barcode = tcga_barcode(stem)
-                if barcode:
-                    self.by_barcode.setdefault(barcode, []).append(full)
-        self.n_files = sum(len(v) for v in self.by_stem.values())
+        self.resolver = SlideResolver(self.root, suffixes, patient_barcode=False)
+        self.n_files = self.resolver.n_files
 
     def match(self, slide_id: str) -> tuple[str | None, str]:
         """``(path, "")`` when exactly one file matches, else ``(None, reason)``."""
-        exact = self.by_stem.get(slide_id, [])
-        if len(exact) == 1:
-            return exact[0], ""
-        if len(exact) > 1:
-            return None, f"ambiguous: {len(exact)} files named {slide_id}: {sorted(exact)[:3]}"
-        barcode = tcga_barcode(slide_id)
-        if barcode:
-            cands = self.by_barcode.get(barcode, [])
-            if len(cands) == 1:
-                return cands[0], ""
-            if len(cands) > 1:
-                return None, f"ambiguous: {len(cands)} files with slide barcode {barcode}: {sorted(cands)[:3]}"
-        return None, f"no H5 file for slide {slide_id!r} under {self.root}"
+        try:
+            return str(self.resolver.resolve(slide_id)), ""
+        except (AmbiguousSlideError, SlideNotFoundError) as e:
+            return None, str(e)
 
 
 def match_slides(items: Sequence[Item], index: SlideIndex) -> tuple[list[tuple[Item, str]], list[Skipped]]:

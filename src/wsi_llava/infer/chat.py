@@ -1,7 +1,8 @@
 """`wsi-llava chat --model DIR --slide X.h5 [--question Q]`: one answer, or a multi-turn session.
 
 With ``--tower-cache DIR`` the slide's tower outputs are read from a ``wsi-llava encode`` folder (by
-``--slide-id``, default the file's stem) and the tower does not run."""
+``--slide-id``, default the file's stem) and the tower does not run. With ``--slide-root DIR``, ``--slide`` may
+name the slide by relative path, file stem or TCGA barcode (:class:`~wsi_llava.data.resolve.SlideResolver`)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,21 @@ import json
 import sys
 from pathlib import Path
 
+from ..data.resolve import add_slide_root_argument, slide_argument
 from ..precision import add_precision_arguments
 from .engine import SlideAssistant
 from .generation import GenerationSettings
+from .roi import RoiSlides, add_tile_encoder_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
     add_precision_arguments(parser, device=True)
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--slide", help="slide H5 file (features + coords)")
+    src.add_argument("--slide", help="slide H5 file (features + coords), or its name with --slide-root")
     src.add_argument("--image", help="ROI image (PNG/JPEG/TIFF): tiled and encoded by --tile-encoder (ROI mode)")
-    parser.add_argument("--tile-weights", help="tile encoder weights (.safetensors / .bin), local only; with --image")
-    parser.add_argument("--tile-encoder", help="gigapath, uni, vit or timm:<arch> (default: the name written in "
-                                               "--tile-weights' metadata); with --image")
+    add_slide_root_argument(parser)
+    add_tile_encoder_arguments(parser, "with --image")
     parser.add_argument("--question", help="ask one question and exit; without it, a multi-turn session on stdin")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -40,25 +42,21 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--slide-id only applies with --tower-cache")
     if args.image and args.tower_cache:
         raise SystemExit("--tower-cache reads cached slide files; with --image the tiles are encoded now")
+    if args.image and args.slide_root:
+        raise SystemExit("--slide-root finds a --slide by name; --image is a path")
     if args.image and not args.tile_weights:
         raise SystemExit("--image needs --tile-weights (the tile encoder's local weights file)")
     assistant = SlideAssistant.from_pretrained(args.model, tower_cache=args.tower_cache, device=args.device,
                                                precision=args.precision, force_precision=args.force_precision)
     if args.image:
-        from ..model.tile_encoder import load_tile_encoder
-        from .roi import roi_to_slide
-
-        encoder = load_tile_encoder(args.tile_weights, args.tile_encoder)
-        cfg = assistant.model.config
-        want = cfg.feature_dim
-        if encoder.embed_dim != want:
-            raise SystemExit(f"--tile-weights {args.tile_weights}: the tile encoder gives {encoder.embed_dim}-d "
-                             f"features, the model takes {want}-d tile features")
-        slide = roi_to_slide(args.image, encoder, assistant.patches_per_wsi)
+        rois = RoiSlides.for_model(assistant.model.config, args.tile_weights, args.tile_encoder,
+                                   assistant.patches_per_wsi)
+        slide = rois(args.image)
         args.slide = args.image
     else:
-        slide_id = (args.slide_id or Path(args.slide).stem) if args.tower_cache else None
-        slide = assistant.load(args.slide, slide_id=slide_id)
+        path = slide_argument(args.slide, args.slide_root)
+        slide_id = (args.slide_id or Path(path).stem) if args.tower_cache else None
+        slide = assistant.load(path, slide_id=slide_id)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     history: list[tuple[str, str]] = []
     questions = [args.question] if args.question else None

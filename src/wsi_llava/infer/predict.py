@@ -14,6 +14,11 @@ Rows with an ``image_path`` (ROI image) and no ``h5_path`` are encoded on the fl
 (and ``--tile-encoder``; each image once per run, :class:`~wsi_llava.infer.roi.RoiSlides`); without
 it each such row is an error saying to run ``wsi-llava encode-roi`` or pass ``--tile-weights``.
 
+With ``--slide-root DIR`` each row's slide file is looked up under DIR by its ``slide_id`` (relative path,
+file stem or TCGA barcode; :class:`~wsi_llava.data.resolve.SlideResolver`, built once per run) instead of
+its ``h5_path``: a manifest written on another machine runs as is. A slide id that fits no file (the
+message names close matches) or several files (it lists them) is an error line.
+
 Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), whole batches are shared out
 among the processes by tile count; each appends to ``OUT.rank{r}-of-{w}.jsonl`` (resumable per rank) and
 rank 0 then merges them into ``OUT`` in manifest order: the lines a single process writes, each row
@@ -35,6 +40,7 @@ from tqdm import tqdm
 from ..data.choices import choice_letter
 from ..data.manifest import Record, load_manifest
 from ..data.prompts import record_turn
+from ..data.resolve import AmbiguousSlideError, SlideNotFoundError, SlideResolver
 from ..data.slides import SlideError
 from ..data.subset import add_subset_arguments, select
 from ..errors import WsiLlavaError
@@ -43,6 +49,7 @@ from ..precision import add_precision_arguments
 from . import shard
 from .engine import SlideAssistant, zeros_like_slide
 from .generation import GenerationSettings
+from .roi import RoiSlides, add_tile_encoder_arguments
 
 ABLATIONS = ("none", "zero", "shuffle")
 
@@ -130,7 +137,7 @@ def shuffle_partner(slide_ids: list[str], seed: int = 0) -> dict[str, str]:
 def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_size: int = 8,
             settings: GenerationSettings | None = None, ablate: str = "none", explain: bool = False,
             progress: bool = True, batches: list[int] | None = None, also_done: Sequence[Path] = (),
-            rois=None) -> dict:
+            rois=None, resolver: SlideResolver | None = None) -> dict:
     """Answer every record not yet in ``out``; returns counts ``{"done", "skipped", "errors"}``.
 
     Batches are fixed: batch b holds rows ``b*batch_size …`` of ``records``, whatever is already done
@@ -138,7 +145,9 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     ``batches``: only these batch numbers (a rank's share of a sharded run; :mod:`.shard`).
     ``also_done``: other prediction files whose keys count as done.
     ``rois``: image path → :class:`Slide` (a :class:`~wsi_llava.infer.roi.RoiSlides`) for rows with an
-    ``image_path`` and no ``h5_path``; None: such rows are errors."""
+    ``image_path`` and no ``h5_path``; None: such rows are errors.
+    ``resolver``: each row's slide file is found by its ``slide_id`` with this resolver (``--slide-root``)
+    instead of its ``h5_path``; a name that fits no file, or several, makes the row an error line."""
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}")
     out = Path(out)
@@ -160,6 +169,8 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     by_id = {r.slide_id: r for r in records}
 
     def load_row(rec: Record, sid: str):
+        if resolver is not None:
+            return assistant.load(str(resolver.resolve(rec.slide_id)), slide_id=sid)
         if rec.h5_path:
             return assistant.load(rec.h5_path, slide_id=sid)
         if rois is None:
@@ -232,10 +243,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_subset_arguments(parser)
     parser.add_argument("--tower-cache", help="folder from `wsi-llava encode` (the model's tower): read cached tower "
                                               "outputs by slide_id instead of running the tower")
-    parser.add_argument("--tile-weights", help="tile encoder weights (.safetensors / .bin), local only: rows with "
-                                               "an image_path and no h5_path are encoded on the fly")
-    parser.add_argument("--tile-encoder", help="gigapath | uni | vit | timm:<arch> (default: the name in "
-                                               "--tile-weights' metadata); with --tile-weights")
+    parser.add_argument("--slide-root", help="folder of slide H5 files: each row's slide is found there by its "
+                                             "slide_id (relative path, file stem or TCGA barcode) instead of h5_path")
+    add_tile_encoder_arguments(parser, "rows with an image_path and no h5_path are encoded on the fly")
 
 
 def merge_parts(out: Path, records: list[Record]) -> int:
@@ -285,21 +295,25 @@ def main(args: argparse.Namespace) -> int:
                                 "with --tower-cache or a sharded launch; run `wsi-llava encode-roi` first and "
                                 "predict on its manifest")
         if image_only and args.tile_weights:
-            from .roi import RoiSlides
-
-            cfg = assistant.model.config
-            rois = RoiSlides(args.tile_weights, args.tile_encoder, assistant.patches_per_wsi,
-                             cfg.feature_dim)
+            rois = RoiSlides.for_model(assistant.model.config, args.tile_weights, args.tile_encoder,
+                                       assistant.patches_per_wsi)
+        resolver = SlideResolver(args.slide_root) if getattr(args, "slide_root", None) else None
         if sh is None:
             counts = predict(assistant, records, out, args.batch_size, settings, args.ablate, args.explain,
-                             rois=rois)
+                             rois=rois, resolver=resolver)
             print(_summary(counts, args.out))
             return 1 if counts["errors"] else 0
         # sharded: whole batches per rank, balanced by tiles; each rank appends to its own part file
         groups = shard.batches(len(records), args.batch_size)
 
+        def row_path(r: Record) -> str:
+            try:
+                return str(resolver.resolve(r.slide_id)) if resolver is not None else r.h5_path
+            except (AmbiguousSlideError, SlideNotFoundError):
+                return ""  # the row's rank reports the error
+
         def batch_tiles() -> list[int]:
-            n = shard.tile_counts([r.h5_path for r in records], assistant.patches_per_wsi)
+            n = shard.tile_counts([row_path(r) for r in records], assistant.patches_per_wsi)
             return [sum(n[i] for i in g) for g in groups]
 
         weights = sh.from_main(batch_tiles)
@@ -307,7 +321,7 @@ def main(args: argparse.Namespace) -> int:
         stale = [p for p in shard.find_parts(out) if p != sh.part_path(out)]
         stale = [p for p in stale if not p.name.endswith(f"-of-{sh.world}{out.suffix}")]
         counts = predict(assistant, records, sh.part_path(out), args.batch_size, settings, args.ablate, args.explain,
-                         progress=sh.is_main, batches=mine, also_done=[out, *stale])
+                         progress=sh.is_main, batches=mine, also_done=[out, *stale], resolver=resolver)
         print(f"rank {sh.rank}/{sh.world}: {_summary(counts, str(sh.part_path(out)))}", flush=True)
         sh.barrier()
         failing = merge_parts(out, records) if sh.is_main else 0

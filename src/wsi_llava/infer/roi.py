@@ -20,6 +20,7 @@ running the ViT every epoch.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -111,9 +112,26 @@ def write_roi_h5(slide: Slide, out: str | os.PathLike, encoder_name: str = "", a
     return out
 
 
+def add_tile_encoder_arguments(parser: argparse.ArgumentParser, when: str) -> None:
+    """``--tile-weights`` and ``--tile-encoder``: the options of every command that encodes ROI images
+    (``chat``, ``predict``, ``heatmap``; read by :meth:`RoiSlides.for_model`); ``when`` ends the help
+    of ``--tile-weights`` (when the images are encoded)."""
+    parser.add_argument("--tile-weights", help=f"tile encoder weights (.safetensors / .bin), local only: {when}")
+    parser.add_argument("--tile-encoder", help="gigapath | uni | vit | timm:<arch> (default: the name in "
+                                               "--tile-weights' metadata); with --tile-weights")
+
+
 class RoiSlides:
-    """ROI images as slides for one run (``predict --tile-weights``): the tile encoder is loaded once,
-    frozen, and each image is encoded once (later rows of the same image reuse its slide)."""
+    """ROI images as slides for one run (``predict --tile-weights``, ``chat``/``heatmap --image``): the
+    tile encoder is loaded once, frozen, and each image is encoded once (later rows reuse its slide)."""
+
+    @classmethod
+    def for_model(cls, model_config, weights: str | os.PathLike, name: str | None = None,
+                  patches_per_wsi: int | None = None) -> "RoiSlides":
+        """For a model whose config is ``model_config``: the encoder must give the model's tile-feature
+        width (the tower's ``in_dim``, else ``mm_hidden_size``), else :class:`RoiError`."""
+        want = model_config.vision_config.get("in_dim", model_config.mm_hidden_size)
+        return cls(weights, name, patches_per_wsi, want)
 
     def __init__(self, weights: str | os.PathLike, name: str | None = None, patches_per_wsi: int | None = None,
                  expected_dim: int | None = None, batch_size: int = 32):
