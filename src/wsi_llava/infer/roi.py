@@ -130,7 +130,7 @@ class RoiSlides:
                   patches_per_wsi: int | None = None) -> "RoiSlides":
         """For a model whose config is ``model_config``: the encoder must give the model's tile-feature
         width (the tower's ``in_dim``, else ``mm_hidden_size``), else :class:`RoiError`."""
-        want = model_config.vision_config.get("in_dim", model_config.mm_hidden_size)
+        want = model_config.feature_dim
         return cls(weights, name, patches_per_wsi, want)
 
     def __init__(self, weights: str | os.PathLike, name: str | None = None, patches_per_wsi: int | None = None,
