@@ -110,7 +110,8 @@ def tile_size_rule(attrs: Sequence[tuple[str, Mapping]], coords: np.ndarray | No
 def read_tile_size(path: str | os.PathLike) -> TileSize:
     """The rule (module doc) for the slide H5 file at ``path``: attributes of the coordinate dataset
     (``coords`` or ``coords_yx``) and the file, then all its coordinates (read only when needed)."""
-    from .slides import COORD_KEYS, open_slide, slide_dataset
+    from .slide_checks import COORD_KEYS
+    from .slides import open_slide, slide_dataset
 
     where = os.fspath(path)
     with open_slide(path) as f:  # checked: a regular file; links resolved inside the file only
