@@ -46,12 +46,11 @@ from ..precision import training_precision
 from . import final
 from .checkpoint import (
     CheckpointError,
-    CrashSafeCheckpoints,
     checkpoint_step,
     load_checkpoint_weights,
 )
 from .run import filter_invalid, load_records, resolve_datasets
-from .trainer import EpochCallback
+from .trainer import CrashSafeCheckpoints, EpochCallback
 
 logger = logging.getLogger(__name__)
 
