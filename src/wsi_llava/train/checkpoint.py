@@ -348,14 +348,19 @@ def resolve_resume(value, run_dir: str | os.PathLike) -> str | None:
 
 
 def load_checkpoint_weights(model, folder: str | os.PathLike) -> None:
-    """Load the model weights of a checkpoint folder into ``model`` in place, as Hugging Face does on
-    resume (``model.safetensors``, or the shards of ``model.safetensors.index.json``; on the CPU, then
+    """Load the model weights of a checkpoint folder into ``model`` in place: a parts checkpoint with
+    :func:`~wsi_llava.model.saving.apply_parts`; else as Hugging Face does on resume (``model.safetensors``, or the shards of ``model.safetensors.index.json``; on the CPU, then
     copied into the model's tensors). Keys left out of the file because they alias another parameter
     (tied embeddings) are fine; any other missing or unexpected key is a :class:`CheckpointError`."""
     import safetensors.torch
     from transformers.trainer_utils import load_sharded_checkpoint
 
+    from ..model.saving import apply_parts, is_parts_folder
+
     folder = Path(folder)
+    if is_parts_folder(folder):  # only what trained (see wsi_llava.model.saving); applied strictly
+        apply_parts(model, folder)
+        return
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         state = safetensors.torch.load_file(str(single), device="cpu")

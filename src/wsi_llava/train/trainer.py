@@ -5,13 +5,17 @@ LoRA+ parameter groups, the zeroed-slide sanity check at evaluation, per-epoch t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..fileio import write_error_text
+from ..model.saving import apply_parts, is_parts_folder, save_trained
 from .checkpoint import (
     CheckpointError,
     clean_staging,
@@ -132,14 +136,50 @@ class CrashSafeCheckpoints:
                 f"then rerun with resume_from_checkpoint: true.") from e
 
 
+class PartialLoadFilter(logging.Filter):
+    """Drops Hugging Face's "missing keys" warning when it loads a parts checkpoint: the base LM's tensors
+    are left out of it by design, and :meth:`WsiTrainer.train` applies the parts strictly itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("There were missing keys in the checkpoint model loaded")
+
+
 class WsiTrainer(CrashSafeCheckpoints, Trainer):
     """``Trainer`` + LoRA+ learning rates + ``eval_sanity_check_loss`` + crash-safe checkpoints and
-    verified resume (:class:`CrashSafeCheckpoints`; ``checkpoint_limit=``)."""
+    verified resume (:class:`CrashSafeCheckpoints`; ``checkpoint_limit=``) holding only what trains
+    (:func:`~wsi_llava.model.saving.save_trained`)."""
 
     def __init__(self, *args, loraplus_lr_ratio: float | None = None, do_sanity_check: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.do_sanity_check = do_sanity_check
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model's trained parts (or the whole model, see :func:`~wsi_llava.model.saving.save_trained`),
+        the tokenizer and the training arguments; DeepSpeed and FSDP keep Hugging Face's own save."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            save_trained(self.accelerator.unwrap_model(self.model), output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """:meth:`CrashSafeCheckpoints.train`; a parts checkpoint to resume from is first applied strictly
+        (with the added-token embedding rows, which Hugging Face's own partial load does not know)."""
+        resume = self.find_resume(resume_from_checkpoint)
+        if resume is not None and is_parts_folder(resume):
+            apply_parts(self.accelerator.unwrap_model(self.model), resume)
+        quiet = PartialLoadFilter()
+        hf_logger = logging.getLogger("transformers.trainer")
+        hf_logger.addFilter(quiet)
+        try:
+            return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                                 **kwargs)
+        finally:
+            hf_logger.removeFilter(quiet)
 
     def create_optimizer(self, model=None):
         """With ``loraplus_lr_ratio``: LoRA B matrices get ``learning_rate × ratio`` (LoRA+), the rest the
