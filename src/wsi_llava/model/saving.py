@@ -7,7 +7,8 @@ A *parts* folder (what training writes, checkpoints included) holds::
                                 the prompt top-K query projection), every LM tensor that trains (LoRA A/B,
                                 unfrozen layers; unmerged)
     added_tokens.safetensors    rows of the input/output embeddings for the tokens we added (``<image>``,
-                                pad): ``input`` [A, H], ``output`` [A, H] (A added rows), when there are any
+                                pad): ``input`` [A, H], ``output`` [A, H] (untied heads; A added rows), when
+                                there are any
     adapter/                    the LoRA adapter (PEFT ``save_pretrained``), for LoRA runs
     wsi_llava_parts.json        what is where: the base LM folder (as given and resolved), the sha256 of its
                                 weight files, the first added row, the part keys
@@ -140,9 +141,9 @@ def save_trained(model, folder: str | os.PathLike, merge_for_full: bool = False)
     rows = lm.get_input_embeddings().weight.shape[0]
     first = int(base_vocab) if base_vocab is not None and base_vocab < rows else rows
     if first < rows:
-        out_emb = lm.get_output_embeddings()
-        added = {"input": lm.get_input_embeddings().weight[first:]}
-        if out_emb is not None:
+        in_emb, out_emb = lm.get_input_embeddings(), lm.get_output_embeddings()
+        added = {"input": in_emb.weight[first:]}
+        if out_emb is not None and out_emb.weight is not in_emb.weight:  # an untied head has its own rows
             added["output"] = out_emb.weight[first:]
         save_file({k: v.detach().cpu().contiguous() for k, v in added.items()}, str(folder / ADDED_NAME))
     if hasattr(model.language_model, "peft_config"):
