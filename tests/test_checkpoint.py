@@ -266,3 +266,31 @@ def test_staging_leftovers_are_cleaned(tmp_path, caplog):
         assert ck.clean_staging(tmp_path) == ["checkpoint-9"]
     assert not (tmp_path / ck.STAGING_DIR).exists() and "checkpoint-9" in caplog.text
     assert ck.clean_staging(tmp_path) == []
+
+
+def test_commit_callback_replaces_a_step_saved_again_then_commits_and_rotates(tmp_path):
+    """The callback alone (no training): a committed folder of the step about to be saved is removed
+    before the ``Trainer`` writes into it; ``on_save`` commits the new folder, then rotates."""
+    from types import SimpleNamespace
+
+    from wsi_llava.train.trainer import CommitCheckpoints
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        fake_checkpoint(run, step)
+    (run / "checkpoint-6" / "stale.bin").write_bytes(b"old")
+    barriers = []
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(wait_for_everyone=lambda: barriers.append(1)))
+    cb = CommitCheckpoints(trainer, checkpoint_limit=2)
+    args = SimpleNamespace(output_dir=str(run), should_save=True)
+    state = SimpleNamespace(global_step=6, best_model_checkpoint=str(run / "checkpoint-2"))
+    cb.on_step_end(args, state, SimpleNamespace(should_save=False))
+    assert names(run) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # not a save step: untouched
+    cb.on_step_end(args, state, SimpleNamespace(should_save=True))
+    assert names(run) == ["checkpoint-2", "checkpoint-4"]
+    fake_checkpoint(run, 6, complete=False)  # what the Trainer writes
+    assert not ck.is_complete(run / "checkpoint-6")
+    cb.on_save(args, state, SimpleNamespace(should_save=True))
+    assert ck.verify_checkpoint(run / "checkpoint-6")["step"] == 6  # committed, without the stale file
+    assert names(run) == ["checkpoint-2", "checkpoint-6"]  # rotated after the commit: newest and best kept
+    assert len(barriers) == 3

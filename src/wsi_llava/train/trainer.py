@@ -53,9 +53,12 @@ class CommitCheckpoints(TrainerCallback):
         self.checkpoint_limit = checkpoint_limit
 
     def on_step_end(self, args, state, control, **kwargs):
+        if not control.should_save:
+            return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if control.should_save and args.should_save and folder.exists():
+        if args.should_save and folder.exists():
             remove_checkpoint(folder)
+        self.trainer.accelerator.wait_for_everyone()  # no rank writes into the folder before it is gone
 
     def on_save(self, args, state, control, **kwargs):
         run_dir = Path(args.output_dir)
