@@ -35,18 +35,21 @@ test: install
 	$(PY) -m pytest
 
 # The checkpoint/resume/saving tests against the lowest transformers the pin (>=5.6,<6) admits, installed
-# beside the venv (never into it) with the hub and tokenizers versions 5.6.0 requires.
-COMPAT := $(VENV)/compat-transformers-5.6.0
+# beside the venv (never into it) with the hub and tokenizers versions it requires (change all three
+# together with the pin in pyproject.toml).
+COMPAT_VERSION := 5.6.0
+COMPAT_PKGS := transformers==$(COMPAT_VERSION) 'huggingface-hub>=1.5,<2' 'tokenizers>=0.22,<=0.23.0'
+COMPAT := $(VENV)/compat-transformers-$(COMPAT_VERSION)
 COMPAT_TESTS := tests/test_checkpoint.py tests/test_resume_final.py tests/test_train.py tests/test_disk_full_outputs.py \
 	tests/test_safe_loading.py tests/test_contrastive_final.py tests/test_saving.py
 
 $(COMPAT)/.installed: $(STAMP)
 	rm -rf $(COMPAT)
-	$(PY) -m pip install -q --no-deps --target $(COMPAT) transformers==5.6.0 'huggingface-hub>=1.5,<2' 'tokenizers>=0.22,<=0.23.0'
+	$(PY) -m pip install -q --no-deps --target $(COMPAT) $(COMPAT_PKGS)
 	touch $@
 
 test-compat: $(COMPAT)/.installed
-	PYTHONPATH=$(COMPAT):$(CURDIR)/src $(PY) -c 'import transformers; assert transformers.__version__ == "5.6.0", transformers.__version__'
+	PYTHONPATH=$(COMPAT):$(CURDIR)/src $(PY) -c 'import transformers; assert transformers.__version__ == "$(COMPAT_VERSION)", transformers.__version__'
 	PYTHONPATH=$(COMPAT):$(CURDIR)/src $(PY) -m pytest -q $(COMPAT_TESTS)
 
 clean:
