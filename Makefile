@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo demo-tiny test bench clean
+.PHONY: install demo demo-tiny test test-compat bench clean
 
 # Debian packages: WordNet for METEOR synonyms (offline) and Chromium for the web-viewer test.
 # Skipped with a note where apt is unavailable.
@@ -33,6 +33,24 @@ demo-tiny: install
 
 test: install
 	$(PY) -m pytest
+
+# The checkpoint/resume/saving tests against the lowest transformers the pin (>=5.6,<6) admits, installed
+# beside the venv (never into it) with the hub and tokenizers versions it requires (change all three
+# together with the pin in pyproject.toml).
+COMPAT_VERSION := 5.6.0
+COMPAT_PKGS := transformers==$(COMPAT_VERSION) 'huggingface-hub>=1.5,<2' 'tokenizers>=0.22,<=0.23.0'
+COMPAT := $(VENV)/compat-transformers-$(COMPAT_VERSION)
+COMPAT_TESTS := tests/test_checkpoint.py tests/test_resume_final.py tests/test_train.py tests/test_disk_full_outputs.py \
+	tests/test_safe_loading.py tests/test_contrastive_final.py tests/test_saving.py
+
+$(COMPAT)/.installed: $(STAMP)
+	rm -rf $(COMPAT)
+	$(PY) -m pip install -q --no-deps --target $(COMPAT) $(COMPAT_PKGS)
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	PYTHONPATH=$(COMPAT):$(CURDIR)/src $(PY) -c 'import transformers; assert transformers.__version__ == "$(COMPAT_VERSION)", transformers.__version__'
+	PYTHONPATH=$(COMPAT):$(CURDIR)/src $(PY) -m pytest -q $(COMPAT_TESTS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-tiny .pytest_cache

@@ -107,15 +107,17 @@ def test_sigkill_during_save_then_resume_matches_uninterrupted(reference, tiny_l
     proc = subprocess.run([sys.executable, "-c", CHILD, str(write_cfg(tmp_path / "c.yaml", cfg))],
                           capture_output=True, text=True, timeout=200)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    assert names(run) == ["checkpoint-2"]  # the interrupted checkpoint-4 never appeared
-    assert (run / ck.STAGING_DIR / "checkpoint-4" / ck.MANIFEST_NAME).exists()  # the torn staging folder
+    assert names(run) == ["checkpoint-2", "checkpoint-4"]  # every file of checkpoint-4 written ...
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        ck.read_manifest(run / "checkpoint-4")  # ... but never committed
+    assert ck.find_resume_checkpoint(run) == run / "checkpoint-2"
     ck.verify_checkpoint(run / "checkpoint-2")
 
     caplog.set_level(logging.INFO)
     cfg["resume_from_checkpoint"] = True
     assert cli(["train", str(write_cfg(tmp_path / "c.yaml", cfg))]) == 0
     assert f"resuming from {run / 'checkpoint-2'}" in caplog.text
-    assert "removing leftovers of interrupted checkpoint saves" in caplog.text
+    assert f"removing {run / 'checkpoint-4'}: its save never committed" in caplog.text
     assert names(run) == kept(run) == kept(reference)
     assert not (run / ck.STAGING_DIR).exists()
     # the resumed run's per-step losses are exactly those of the uninterrupted run (same seed)
@@ -140,7 +142,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tiny_llm, cohort, tmp_p
         cli(["--debug", "train", str(write_cfg(tmp_path / "c.yaml", cfg))])
     msg = str(info.value)
     assert "step 4" in msg and "disk full" in msg
-    assert str(run / ck.STAGING_DIR / "checkpoint-4") in msg
+    assert f"to {run / 'checkpoint-4'}:" in msg
     assert f"last good checkpoint is {run / 'checkpoint-2'}" in msg
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
     assert names(run) == ["checkpoint-2"]
@@ -177,17 +179,32 @@ def test_rotation_keeps_newest_complete_and_best(tmp_path):
     assert ck.rotate_checkpoints(run, None) == [] and ck.rotate_checkpoints(run, 0) == []
 
 
-def test_publish_replaces_an_existing_folder_atomically(tmp_path):
+def test_uncommitted_folders_are_removed_committed_ones_kept(tmp_path, caplog):
     run = tmp_path / "run"
-    old = fake_checkpoint(run, 3, complete=False)
-    (old / "stale.txt").write_text("old")
-    staging = run / ck.STAGING_DIR / "checkpoint-3"
-    staging.mkdir(parents=True)
-    (staging / "model.safetensors").write_bytes(b"new")
-    ck.publish_checkpoint(staging, run / "checkpoint-3", 3)
-    assert sorted(p.name for p in (run / "checkpoint-3").iterdir()) == [ck.MANIFEST_NAME, "model.safetensors"]
-    assert ck.verify_checkpoint(run / "checkpoint-3")["files"]["model.safetensors"]["size"] == 3
-    assert list((run / ck.STAGING_DIR).iterdir()) == []
+    fake_checkpoint(run, 2)
+    fake_checkpoint(run, 4, complete=False)  # killed before its commit
+    torn = fake_checkpoint(run, 6, complete=False)
+    (torn / ck.MANIFEST_NAME).write_text('{"format": "wsi-llava-checkpoint", "st')  # torn manifest
+    corrupt = fake_checkpoint(run, 8)
+    (corrupt / "optimizer.pt").write_bytes(b"changed")  # committed, then damaged: resume skips it, it stays
+    with caplog.at_level(logging.WARNING):
+        assert ck.remove_uncommitted(run) == ["checkpoint-4", "checkpoint-6"]
+    assert "checkpoint-4: its save never committed" in caplog.text
+    assert names(run) == ["checkpoint-2", "checkpoint-8"] and not (run / ck.STAGING_DIR).exists()
+    assert ck.find_resume_checkpoint(run) == run / "checkpoint-2"
+
+
+def test_trainers_override_no_private_trainer_method():
+    """Crash safety through public hooks only: no underscore method of ``Trainer`` is overridden."""
+    from transformers import Trainer
+
+    from wsi_llava.train.contrastive import ContrastiveTrainer
+    from wsi_llava.train.trainer import CrashSafeCheckpoints, WsiTrainer
+
+    for cls in (CrashSafeCheckpoints, WsiTrainer, ContrastiveTrainer):
+        private = [n for n in vars(cls) if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)]
+        assert private == [], f"{cls.__name__} overrides {private}"
+    assert "_save_checkpoint" not in vars(CrashSafeCheckpoints)
 
 
 def test_corrupt_or_incomplete_checkpoints_are_skipped_on_resume(reference, tmp_path, caplog):
@@ -251,12 +268,29 @@ def test_staging_leftovers_are_cleaned(tmp_path, caplog):
     assert ck.clean_staging(tmp_path) == []
 
 
-def test_interrupted_replacement_is_restored_at_start(tmp_path):
-    """Crash between publish's two renames (old folder moved aside, new not yet in place)."""
-    old = fake_checkpoint(tmp_path, 5)
-    aside = tmp_path / ck.STAGING_DIR / "replaced-checkpoint-5"
-    aside.parent.mkdir()
-    old.rename(aside)
-    ck.clean_staging(tmp_path)
-    assert names(tmp_path) == ["checkpoint-5"] and not (tmp_path / ck.STAGING_DIR).exists()
-    ck.verify_checkpoint(tmp_path / "checkpoint-5")
+def test_commit_callback_replaces_a_step_saved_again_then_commits_and_rotates(tmp_path):
+    """The callback alone (no training): a committed folder of the step about to be saved is removed
+    before the ``Trainer`` writes into it; ``on_save`` commits the new folder, then rotates."""
+    from types import SimpleNamespace
+
+    from wsi_llava.train.trainer import CommitCheckpoints
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        fake_checkpoint(run, step)
+    (run / "checkpoint-6" / "stale.bin").write_bytes(b"old")
+    barriers = []
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(wait_for_everyone=lambda: barriers.append(1)))
+    cb = CommitCheckpoints(trainer, checkpoint_limit=2)
+    args = SimpleNamespace(output_dir=str(run), should_save=True)
+    state = SimpleNamespace(global_step=6, best_model_checkpoint=str(run / "checkpoint-2"))
+    cb.on_step_end(args, state, SimpleNamespace(should_save=False))
+    assert names(run) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # not a save step: untouched
+    cb.on_step_end(args, state, SimpleNamespace(should_save=True))
+    assert names(run) == ["checkpoint-2", "checkpoint-4"]
+    fake_checkpoint(run, 6, complete=False)  # what the Trainer writes
+    assert not ck.is_complete(run / "checkpoint-6")
+    cb.on_save(args, state, SimpleNamespace(should_save=True))
+    assert ck.verify_checkpoint(run / "checkpoint-6")["step"] == 6  # committed, without the stale file
+    assert names(run) == ["checkpoint-2", "checkpoint-6"]  # rotated after the commit: newest and best kept
+    assert len(barriers) == 3

@@ -285,13 +285,17 @@ def prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_wsi_llava(path: str | Path, dtype: torch.dtype | None = None):
-    """Load a saved WSI-LLaVA folder → ``(model, tokenizer)`` (model in eval mode)."""
+def load_wsi_llava(path: str | Path, dtype: torch.dtype | None = None, merge_lora: bool = True):
+    """Load a saved WSI-LLaVA folder → ``(model, tokenizer)`` (model in eval mode): a parts folder is
+    rebuilt from its checksummed base LM, a full folder loads alone (see :mod:`wsi_llava.model.saving`).
+    ``merge_lora``: fold a saved LoRA adapter into the LM."""
+    from .saving import load_trained
+
     path = Path(path)
     if not (path / "config.json").exists():
         raise MissingFileError(f"{path} is not a saved WSI-LLaVA model (no config.json); give the output_dir "
                                "of a training run")
-    model = WsiLlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    model = load_trained(path, WsiLlavaForConditionalGeneration, dtype=dtype, merge_lora=merge_lora)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tokenizer

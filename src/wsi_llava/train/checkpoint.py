@@ -1,21 +1,23 @@
-"""Crash-safe training checkpoints: staged writes, a checksummed manifest, atomic publish, resume rules.
+"""Crash-safe training checkpoints: a checksummed manifest as the commit marker, resume rules, rotation.
 
 Layout of an output folder (``OUTPUT``)::
 
-    OUTPUT/checkpoint-N/            a complete checkpoint (published by one directory rename)
+    OUTPUT/checkpoint-N/            a checkpoint, written in place by the Hugging Face ``Trainer``
         model.safetensors, optimizer.pt, scheduler.pt, rng_state[_R].pth, trainer_state.json, ...
-        checkpoint.json             the manifest, written last: step + every file's size and sha256
-    OUTPUT/.staging/checkpoint-N/   a checkpoint being written (never read; removed at the next start)
+        checkpoint.json             the manifest (the commit), written last: step + every file's size and sha256
+    OUTPUT/.staging/                folders being deleted (never read; removed at the next start)
 
-Writing a checkpoint (:class:`CrashSafeCheckpoints._save_checkpoint`): every rank writes into the
-staging folder (rank 0 the model, optimizer, scheduler and trainer state; every rank its RNG state);
-barrier; the saving rank fsyncs every file, writes ``checkpoint.json`` (fsynced), renames the folder
-to ``OUTPUT/checkpoint-N`` and fsyncs both parent folders; rotation (``save_total_limit``) then
-considers complete checkpoints only; barrier. A crash at any moment leaves either the previous set of
-complete checkpoints or the new one — never a half-written ``checkpoint-N``. Any error while saving
-(``ENOSPC`` and other ``OSError``, or a writer's ``RuntimeError``) removes the staging folder and stops
-training with a :class:`CheckpointError` naming the step, the folder and the last good checkpoint
-(a full disk is said as ``disk full while writing PATH``, see :func:`wsi_llava.fileio.is_disk_full`).
+Writing a checkpoint uses public ``Trainer`` hooks only: the ``Trainer`` writes ``checkpoint-N`` as it
+always does; then :class:`CommitCheckpoints` (a ``TrainerCallback``, ``on_save``) waits for every rank,
+and the saving rank fsyncs every file and writes ``checkpoint.json`` (through a temporary file,
+fsynced, renamed, the folder fsynced): only then is the checkpoint *committed*. Rotation
+(``save_total_limit``) runs after the commit, over committed checkpoints only, and never deletes the
+newest committed one nor the best one. A crash at any moment leaves every committed checkpoint intact
+and at most one uncommitted ``checkpoint-N`` (no readable manifest), which resume ignores and the next
+start removes (:func:`remove_uncommitted`). Any error while saving (``ENOSPC`` and other ``OSError``,
+or a writer's ``RuntimeError``) removes the uncommitted folder and stops training with a
+:class:`CheckpointError` naming the step, the folder and the last good checkpoint (a full disk is said
+as ``disk full while writing PATH``, see :func:`wsi_llava.fileio.is_disk_full`).
 
 Resume (:func:`resolve_resume`): ``true`` → the newest checkpoint whose manifest is present and whose
 files all match their size and sha256 (others are skipped with a warning; none → start fresh);
@@ -37,10 +39,10 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import WsiLlavaError
-from ..fileio import sha256_file, write_error_text
+from ..fileio import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ MANIFEST_NAME = "checkpoint.json"
 MANIFEST_FORMAT = "wsi-llava-checkpoint"
 MANIFEST_VERSION = 1
 STAGING_DIR = ".staging"
-"""Folder under the output folder where checkpoints are written before being published."""
+"""Folder under the output folder where checkpoints are moved to be deleted (a half-deleted folder is never
+mistaken for a checkpoint)."""
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 """Files with these suffixes are pickle-based and scanned for unsafe globals before any resume."""
 NOT_LOADED_ON_RESUME = ("training_args.bin",)
@@ -239,16 +242,10 @@ def newest_complete(run_dir: str | os.PathLike) -> Path | None:
 
 
 def clean_staging(run_dir: str | os.PathLike) -> list[str]:
-    """Remove ``run_dir/.staging`` (leftovers of interrupted saves); returns what was there."""
+    """Remove ``run_dir/.staging`` (leftovers of interrupted deletions); returns what was there."""
     staging = Path(run_dir) / STAGING_DIR
     if not staging.exists():
         return []
-    for aside in staging.glob(f"replaced-{PREFIX_CHECKPOINT_DIR}-*"):
-        # a crash between the two renames of publish_checkpoint: the old folder goes back
-        final = Path(run_dir) / aside.name.removeprefix("replaced-")
-        if not final.exists() and is_complete(aside):
-            logger.warning("restoring %s (moved aside by an interrupted save)", final)
-            os.replace(aside, final)
     left = sorted(p.name for p in staging.iterdir())
     if left:
         logger.warning("removing leftovers of interrupted checkpoint saves in %s: %s", staging, ", ".join(left))
@@ -261,31 +258,6 @@ def _drop_empty_staging(run_dir: Path) -> None:
         (run_dir / STAGING_DIR).rmdir()
     except OSError:
         pass  # not empty (another save in flight) or already gone
-
-
-def publish_checkpoint(staging: str | os.PathLike, final: str | os.PathLike, step: int) -> dict:
-    """Seal a fully written staging folder (fsync + manifest) and rename it to ``final`` atomically.
-
-    An existing ``final`` (e.g. a step saved again) is first moved into the staging area and deleted
-    only after the new folder is in place. Returns the manifest."""
-    staging, final = Path(staging), Path(final)
-    manifest = write_manifest(staging, step)
-    aside = None
-    if final.exists():
-        aside = staging.parent / f"replaced-{final.name}"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final, aside)
-    try:
-        os.replace(staging, final)
-    except OSError:
-        if aside is not None:
-            os.replace(aside, final)  # put the old one back
-        raise
-    fsync_dir(final.parent)
-    fsync_dir(staging.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-    return manifest
 
 
 def remove_checkpoint(path: str | os.PathLike) -> None:
@@ -376,14 +348,19 @@ def resolve_resume(value, run_dir: str | os.PathLike) -> str | None:
 
 
 def load_checkpoint_weights(model, folder: str | os.PathLike) -> None:
-    """Load the model weights of a checkpoint folder into ``model`` in place, as Hugging Face does on
-    resume (``model.safetensors``, or the shards of ``model.safetensors.index.json``; on the CPU, then
+    """Load the model weights of a checkpoint folder into ``model`` in place: a parts checkpoint with
+    :func:`~wsi_llava.model.saving.apply_parts`; else as Hugging Face does on resume (``model.safetensors``, or the shards of ``model.safetensors.index.json``; on the CPU, then
     copied into the model's tensors). Keys left out of the file because they alias another parameter
     (tied embeddings) are fine; any other missing or unexpected key is a :class:`CheckpointError`."""
     import safetensors.torch
     from transformers.trainer_utils import load_sharded_checkpoint
 
+    from ..model.saving import apply_parts, is_parts_folder
+
     folder = Path(folder)
+    if is_parts_folder(folder):  # only what trained (see wsi_llava.model.saving); applied strictly
+        apply_parts(model, folder)
+        return
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         state = safetensors.torch.load_file(str(single), device="cpu")
@@ -406,115 +383,18 @@ def load_checkpoint_weights(model, folder: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the Trainer side
+# uncommitted folders
 # ---------------------------------------------------------------------------------------------
-
-
-class CrashSafeCheckpoints:
-    """Mixin for a ``transformers.Trainer`` subclass (list it before ``Trainer``): staged, checksummed,
-    atomically published checkpoints; rotation over complete checkpoints; verified resume.
-
-    ``checkpoint_limit``: how many complete checkpoints to keep (``save_total_limit``); default
-    ``args.save_total_limit``. Pass it here and leave ``args.save_total_limit`` unset so Hugging Face's
-    own end-of-training cleanup (which, with a limit of 1 and a best checkpoint, deletes the newest
-    one) never runs.
-    """
-
-    def __init__(self, *args, checkpoint_limit: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.checkpoint_limit = checkpoint_limit if checkpoint_limit is not None else self.args.save_total_limit
-        if self.args.save_total_limit == 1 and self.args.load_best_model_at_end:
-            logger.warning("save_total_limit: 1 in TrainingArguments lets Hugging Face delete the newest checkpoint at "
-                           "the end of training; pass checkpoint_limit= to the trainer instead")
-
-    # -- resume -------------------------------------------------------------------------------
-    def find_resume(self, resume_from_checkpoint) -> str | None:
-        """Remove staging leftovers, then resolve ``resume_from_checkpoint`` with :func:`resolve_resume`
-        (the checkpoint is verified); remembered, so :meth:`train` with the same value or with the
-        returned folder does not verify it again."""
-        memo = getattr(self, "_resume_memo", None)
-        if memo is not None and (resume_from_checkpoint is memo[0] or resume_from_checkpoint == memo[0]
-                                 or (memo[1] is not None and resume_from_checkpoint == memo[1])):
-            return memo[1]
-        run_dir = Path(self.args.output_dir)
-        if self.args.should_save:
-            clean_staging(run_dir)
-        resume = resolve_resume(resume_from_checkpoint, run_dir)
-        self._resume_memo = (resume_from_checkpoint, resume)
-        return resume
-
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """``Trainer.train`` after :meth:`find_resume` (staging leftovers removed; the checkpoint
-        verified before Hugging Face reads any file)."""
-        resume = self.find_resume(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
-                             **kwargs)
-
-    # -- save ---------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint of the current step into ``.staging``, then publish it (see module doc)."""
-        step = self.state.global_step
-        name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        run_dir = Path(self._get_output_dir(trial=trial))
-        staging = run_dir / STAGING_DIR / name
-        final = run_dir / name
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
+def remove_uncommitted(run_dir: str | os.PathLike) -> list[str]:
+    """Remove the ``checkpoint-N`` folders of ``run_dir`` that hold no readable manifest (a save that
+    was killed before its commit); returns their names. Committed but corrupt ones stay (resume skips
+    them with a warning)."""
+    removed = []
+    for path in list_checkpoints(run_dir):
         try:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
-            self.accelerator.wait_for_everyone()
-            self.save_model(str(staging), _internal_call=True)
-            if not self.args.save_only_model:
-                self._save_optimizer_and_scheduler(str(staging))
-                self._save_scaler(str(staging))
-                self._save_rng_state(str(staging))
-            self._point_at_best(run_dir, step)
-            if self.args.should_save:
-                self._save_trainer_state(staging)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                publish_checkpoint(staging, final, step)
-        except Exception as e:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-                _drop_empty_staging(run_dir)
-            last = newest_complete(run_dir)
-            raise CheckpointError(
-                f"could not save the checkpoint of step {step} to {final} (staged in {staging}): "
-                f"{write_error_text(e, staging)}. "
-                f"The partial checkpoint was removed; the last good checkpoint is "
-                f"{last if last is not None else 'none (no complete checkpoint yet)'}. Free space or fix the error, "
-                f"then rerun with resume_from_checkpoint: true.") from e
-        if self.args.should_save:
-            _drop_empty_staging(run_dir)
-            if self.args.push_to_hub:
-                self._push_from_checkpoint(str(final))
-            try:
-                rotate_checkpoints(run_dir, self.checkpoint_limit, protect=[self.state.best_model_checkpoint])
-            except OSError as e:  # the new checkpoint is safe; an old one lingering is not fatal
-                logger.warning("could not delete an old checkpoint in %s: %s", run_dir, e)
-        self.accelerator.wait_for_everyone()
-
-    def _point_at_best(self, run_dir: Path, step: int) -> None:
-        """``state.best_model_checkpoint`` → the best step's final (published) folder."""
-        if (self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
-                and self.state.best_global_step):
-            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
-            if self.state.best_global_step == step or is_complete(best):
-                self.state.best_model_checkpoint = str(best)
-
-    def _save_trainer_state(self, folder: Path) -> None:
-        """``trainer_state.json`` with the states of exportable callbacks and of the control object."""
-        from transformers.trainer import TRAINER_STATE_NAME
-        from transformers.trainer_callback import ExportableState
-
-        for cb in [*self.callback_handler.callbacks, self.control]:
-            if isinstance(cb, ExportableState):
-                name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(name), list):
-                    self.state.stateful_callbacks[name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name] = cb.state()
-        self.state.save_to_json(str(folder / TRAINER_STATE_NAME))
+            read_manifest(path)
+        except CheckpointError:
+            logger.warning("removing %s: its save never committed (no readable %s)", path, MANIFEST_NAME)
+            remove_checkpoint(path)
+            removed.append(path.name)
+    return removed

@@ -45,12 +45,11 @@ from ..model.text_tower import load_text_tower, pad_token_id, tokenize_texts
 from . import final
 from .checkpoint import (
     CheckpointError,
-    CrashSafeCheckpoints,
     checkpoint_step,
     load_checkpoint_weights,
 )
 from .run import filter_invalid, load_records, resolve_datasets, start_run, trainer_arguments
-from .trainer import EpochCallback
+from .trainer import CrashSafeCheckpoints, EpochCallback
 
 logger = logging.getLogger(__name__)
 

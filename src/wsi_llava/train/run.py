@@ -17,13 +17,14 @@ from ..data.manifest import Record, load_manifest
 from ..data.prompts import PromptBuilder
 from ..data.slides import read_slide_meta
 from ..model.configuration import SlideEncoderConfig, WsiLlavaConfig
+from ..model.saving import save_trained
 from ..model.wsi_llava import WsiLlavaForConditionalGeneration, load_wsi_llava
 from . import final
 from .checkpoint import (
     checkpoint_step,
     load_checkpoint_weights,
 )
-from .stages import load_projector, merge_lora, save_projector, set_trainable
+from .stages import load_projector, save_projector, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -182,13 +183,12 @@ def build_model(cfg: TrainConfig, feature_dim: int):
 
 
 def _final_writer(model, tokenizer, cfg: TrainConfig, log_history: list[dict]):
-    """What the final save writes into its temporary folder: the model (LoRA runs also keep the adapter
-    in ``adapter/`` and are saved merged), tokenizer, projector, config, log history and loss plot."""
+    """What the final save writes into its temporary folder: the model's trained parts with a checksummed
+    reference to the base LM (LoRA unmerged, adapter in ``adapter/``; the whole model, LoRA merged, when
+    the LM trains in full or no base LM folder is known: :func:`~wsi_llava.model.saving.save_trained`),
+    tokenizer, projector, config, log history and loss plot."""
     def write(tmp: Path) -> None:
-        if hasattr(model.language_model, "peft_config"):
-            model.language_model.save_pretrained(tmp / "adapter")
-            merge_lora(model)
-        model.save_pretrained(tmp)
+        save_trained(model, tmp, merge_for_full=True)
         tokenizer.save_pretrained(tmp)
         save_projector(model, tmp / "projector.safetensors")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(_config_dump(cfg), sort_keys=False), encoding="utf-8")

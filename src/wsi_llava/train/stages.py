@@ -84,13 +84,6 @@ def apply_lora(lm, fargs: FinetuningArguments):
     return get_peft_model(lm, cfg)
 
 
-def merge_lora(model: WsiLlavaForConditionalGeneration) -> None:
-    """Fold LoRA adapters into the LM weights (in place) so the model saves as a plain WSI-LLaVA."""
-    lm = model.language_model
-    if hasattr(lm, "merge_and_unload"):
-        model.language_model = lm.merge_and_unload()
-
-
 def projector_state(model: WsiLlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
     """The projector's (and prompt top-K query projection's) tensors, with their model key names."""
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(PROJECTOR_PREFIXES)}

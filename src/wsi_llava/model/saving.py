@@ -1,0 +1,298 @@
+"""Save what trains: a trained WSI-LLaVA folder holds its own parts and a checksummed reference to the base LM.
+
+A *parts* folder (what training writes, checkpoints included) holds::
+
+    config.json                 WsiLlavaConfig (the LM's config as resized for the added tokens)
+    model.safetensors           the parts, with the model's key names: the slide tower, the projector (and
+                                the prompt top-K query projection), every LM tensor that trains (LoRA A/B,
+                                unfrozen layers; unmerged)
+    added_tokens.safetensors    rows of the input/output embeddings for the tokens we added (``<image>``,
+                                pad): ``input`` [A, H], ``output`` [A, H] (untied heads; A added rows), when
+                                there are any
+    adapter/                    the LoRA adapter (PEFT ``save_pretrained``), for LoRA runs
+    wsi_llava_parts.json        what is where: the base LM folder (as given and resolved), the sha256 of its
+                                weight files, the first added row, the part keys
+
+:func:`load_trained` rebuilds the model from the base LM folder, checks its checksum
+(:class:`BaseModelError` naming the folder when it is missing or changed) and applies the parts
+strictly. A *full* folder (``model.safetensors`` with every tensor, no ``wsi_llava_parts.json``) is
+written instead when no base LM folder is known or the LM itself trains in full; it loads alone, as
+does :func:`export_merged`'s output (``wsi-llava export-merged RUN OUT``).
+
+Where the LM's weights came from is ``language_model.config.name_or_path``: the base LM folder after
+``from_pretrained``; :func:`load_trained` points it at the WSI-LLaVA folder itself whenever the weights
+stop being the base's (a full folder, a merged LoRA), so a later save is full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import MissingFileError, WsiLlavaError
+from ..fileio import sha256_file
+
+logger = logging.getLogger(__name__)
+
+PARTS_NAME = "wsi_llava_parts.json"
+"""The description of a parts folder; its presence makes a folder a parts folder."""
+PARTS_FORMAT = "wsi-llava-parts"
+PARTS_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+ADDED_NAME = "added_tokens.safetensors"
+ADAPTER_DIR = "adapter"
+LM_PREFIX = "language_model."
+BASE_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class BaseModelError(WsiLlavaError):
+    """The base LM folder a trained model refers to is missing or not the one it was trained on."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the base LM
+# ---------------------------------------------------------------------------------------------
+_checksums: dict[tuple, dict] = {}
+
+
+def base_checksum(folder: str | os.PathLike) -> dict:
+    """``{"sha256": combined, "files": {name: sha256}}`` of the weight files (``*.safetensors``, ``*.bin``
+    and their ``.index.json``) of an LM folder; cached per (folder, sizes, modification times)."""
+    folder = Path(folder).resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file()
+                   and (p.name.endswith(BASE_WEIGHT_SUFFIXES) or p.name.endswith(".index.json")))
+    if not files:
+        raise BaseModelError(f"base LM folder {folder} holds no weight files (*.safetensors, *.bin)")
+    key = (str(folder), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key not in _checksums:
+        hashes = {p.name: sha256_file(p) for p in files}
+        combined = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in hashes.items()).encode()).hexdigest()
+        _checksums[key] = {"sha256": combined, "files": hashes}
+    return _checksums[key]
+
+
+def plain_lm(model):
+    """The LM under a PEFT wrapper (or the LM itself)."""
+    lm = model.language_model
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def base_folder(model) -> Path | None:
+    """The LM folder the model's LM weights were loaded from, when it is a plain LM folder (not a
+    WSI-LLaVA folder); None otherwise."""
+    name = plain_lm(model).config.name_or_path
+    path = Path(name) if name else None
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return None if model_type == model.config.model_type else path
+
+
+def merge_adapter(model) -> None:
+    """Fold a LoRA adapter into the LM weights (in place); a no-op without one."""
+    if hasattr(model.language_model, "merge_and_unload"):
+        model.language_model = model.language_model.merge_and_unload()
+
+
+def lm_trains_in_full(model) -> bool:
+    """Every parameter of the (un-wrapped) LM trains."""
+    lm = model.language_model
+    return not hasattr(lm, "peft_config") and all(p.requires_grad for p in lm.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------
+def part_keys(model) -> list[str]:
+    """State-dict keys of the parts: everything outside the LM, plus the LM parameters that train."""
+    own = [k for k in model.state_dict() if not k.startswith(LM_PREFIX)]
+    lm = [LM_PREFIX + n for n, p in model.language_model.named_parameters() if p.requires_grad]
+    return own + lm
+
+
+def save_trained(model, folder: str | os.PathLike, merge_for_full: bool = False) -> str:
+    """Write ``model`` into ``folder`` as parts (see the module doc) or, without a base LM folder or with
+    the whole LM training, in full (``merge_for_full``: LoRA merged in first, in place). Returns
+    ``"parts"`` or ``"full"``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = base_folder(model)
+    if base is None or lm_trains_in_full(model):
+        if merge_for_full:
+            merge_adapter(model)
+        model.save_pretrained(folder)
+        return "full"
+    state = model.state_dict()
+    keys = part_keys(model)
+    save_file({k: state[k].detach().cpu().contiguous() for k in keys}, str(folder / WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    base_vocab = json.loads((base / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    lm = plain_lm(model)
+    rows = lm.get_input_embeddings().weight.shape[0]
+    first = int(base_vocab) if base_vocab is not None and base_vocab < rows else rows
+    if first < rows:
+        in_emb, out_emb = lm.get_input_embeddings(), lm.get_output_embeddings()
+        added = {"input": in_emb.weight[first:]}
+        if out_emb is not None and out_emb.weight is not in_emb.weight:  # an untied head has its own rows
+            added["output"] = out_emb.weight[first:]
+        save_file({k: v.detach().cpu().contiguous() for k, v in added.items()}, str(folder / ADDED_NAME))
+    if hasattr(model.language_model, "peft_config"):
+        model.language_model.save_pretrained(str(folder / ADAPTER_DIR))
+    model.config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    info = {"format": PARTS_FORMAT, "version": PARTS_VERSION,
+            "base_lm": {"path": str(base), "resolved": str(base.resolve()), **base_checksum(base)},
+            "added_rows_from": first, "lora": hasattr(model.language_model, "peft_config"), "parts": keys}
+    (folder / PARTS_NAME).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    return "parts"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def is_parts_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / PARTS_NAME).is_file()
+
+
+def read_parts(folder: str | os.PathLike) -> dict:
+    """The ``wsi_llava_parts.json`` of ``folder``; :class:`WsiLlavaError` if unreadable."""
+    path = Path(folder) / PARTS_NAME
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if info.get("format") != PARTS_FORMAT or not isinstance(info.get("parts"), list):
+            raise ValueError(f"not a {PARTS_FORMAT} file")
+        info["base_lm"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WsiLlavaError(f"{path}: unreadable ({e}); the folder was not written by this WSI-LLaVA") from e
+    return info
+
+
+def find_base(folder: str | os.PathLike, info: dict) -> Path:
+    """The base LM folder of a parts folder (resolved path, else the path as given), checked against its
+    sha256; :class:`BaseModelError` naming the folder when it is missing or changed."""
+    ref = info["base_lm"]
+    tried = list(dict.fromkeys([ref["resolved"], ref["path"]]))
+    base = next((Path(p) for p in tried if (Path(p) / "config.json").is_file()), None)
+    if base is None:
+        raise BaseModelError(f"{folder} was trained on the base LM folder {ref['resolved']}, which is missing "
+                             f"(looked at {', '.join(tried)}); put that LM back there, or use a merged export "
+                             "(`wsi-llava export-merged`) that needs no base")
+    now = base_checksum(base)
+    if now["sha256"] != ref["sha256"]:
+        changed = sorted(n for n in set(now["files"]) | set(ref.get("files", {}))
+                         if now["files"].get(n) != ref.get("files", {}).get(n))
+        raise BaseModelError(f"{folder} was trained on the base LM folder {base}, whose weights have changed since "
+                             f"(sha256 differs; file(s) {changed}); restore the original LM there")
+    return base
+
+
+def apply_parts(model, folder: str | os.PathLike) -> None:
+    """Load the parts (and added embedding rows) of ``folder`` into ``model``, strictly: exactly the listed
+    keys, every tensor outside the LM among them, shapes equal. :class:`WsiLlavaError` otherwise."""
+    folder = Path(folder)
+    info = read_parts(folder)
+    parts = load_file(str(folder / WEIGHTS_NAME), device="cpu")
+    if sorted(parts) != sorted(info["parts"]):
+        raise WsiLlavaError(f"{folder / WEIGHTS_NAME}: its tensors differ from those {PARTS_NAME} lists")
+    own = model.state_dict()
+    missing = [k for k in own if k not in parts and not k.startswith(LM_PREFIX)]
+    unexpected = [k for k in parts if k not in own]
+    shapes = [k for k in parts if k in own and tuple(parts[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise WsiLlavaError(f"{folder}: the saved parts do not fit the model (missing {missing[:5]}, unexpected "
+                            f"{unexpected[:5]}, other shapes {shapes[:5]}); was the config changed?")
+    model.load_state_dict(parts, strict=False)
+    added = folder / ADDED_NAME
+    if added.is_file():
+        rows = load_file(str(added), device="cpu")
+        lm = plain_lm(model)
+        first = int(info["added_rows_from"])
+        with torch.no_grad():
+            for name, emb in (("input", lm.get_input_embeddings()), ("output", lm.get_output_embeddings())):
+                if name in rows and emb is not None:
+                    if emb.weight.shape[0] != first + rows[name].shape[0]:
+                        raise WsiLlavaError(f"{added}: {rows[name].shape[0]} added rows do not fit an embedding "
+                                            f"of {emb.weight.shape[0]} rows starting at {first}")
+                    emb.weight[first:] = rows[name].to(emb.weight.dtype)
+
+
+def load_trained(folder: str | os.PathLike, model_cls, dtype: torch.dtype | None = None, merge_lora: bool = True):
+    """A saved WSI-LLaVA model (``model_cls``) from a parts or full folder (see the module doc).
+    ``merge_lora``: fold a LoRA adapter into the LM (a plain model, as every reader expects)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    folder = Path(folder)
+    dtype = dtype or torch.float32
+    if not is_parts_folder(folder):
+        model = model_cls.from_pretrained(folder, dtype=dtype)
+        plain_lm(model).config.name_or_path = str(folder)  # the LM's weights are this folder's
+        return model
+    info = read_parts(folder)
+    base = find_base(folder, info)
+    config = model_cls.config_class.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    if lm.get_input_embeddings().weight.shape[0] != config.text_config.vocab_size:
+        lm.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=False)
+    model = model_cls(config, language_model=lm).to(dtype)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    if info["lora"]:
+        from peft import PeftModel
+
+        model.language_model = PeftModel.from_pretrained(lm, str(folder / ADAPTER_DIR))
+    apply_parts(model, folder)
+    if merge_lora and info["lora"]:
+        merge_adapter(model)
+        plain_lm(model).config.name_or_path = str(folder)  # merged: no longer the base's weights
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# merged export
+# ---------------------------------------------------------------------------------------------
+def export_merged(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the model of ``run`` (parts or full folder) as one full folder (LoRA merged, tokenizer
+    included) that loads without the base LM."""
+    import shutil
+
+    from .wsi_llava import load_wsi_llava
+
+    run, out = Path(run), Path(out)
+    if out.exists():
+        raise WsiLlavaError(f"{out} exists; give a new folder for the merged model")
+    model, tokenizer = load_wsi_llava(run)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a trained WSI-LLaVA folder (a stage-2/3 output_dir or a checkpoint-N)")
+    parser.add_argument("out", help="new folder for the merged model (loads without the base LM)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not Path(args.run).is_dir():
+        raise MissingFileError(f"{args.run} does not exist; give a stage-2/3 output_dir")
+    out = export_merged(args.run, args.out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out}: the full model ({size / 1e6:.1f} MB), loads without the base LM")
+    return 0
