@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-h5": ("wsi_llava.data.convert", "Rewrite slide H5 files contiguous (fastest reads), optionally float16."),
     "offline-llm": ("wsi_llava.models_offline", "Write a local LLM folder: SmolLM2-135M-Instruct (from PyPI) or a tiny one."),
     "export-tower": ("wsi_llava.model.export_cli", "Write the slide encoder of a trained model as tower.safetensors (GigaPath keys)."),
-    "export-merged": ("wsi_llava.model.saving", "Write a trained model as one full folder (LoRA merged) that loads without the base LM."),
+    "export-merged": ("wsi_llava.model.saving_cli", "Write a trained model as one full folder (LoRA merged) that loads without the base LM."),
     "encode": ("wsi_llava.infer.encode", "Tower-output cache: run the frozen slide encoder once per slide, for tower_cache: DIR."),
     "extract": ("wsi_llava.infer.extract", "Raw slides (SVS, NDPI, TIFF …) -> tissue, tiles, tile-encoder features (TRIDENT-layout H5)."),
     "encode-roi": ("wsi_llava.infer.encode_roi", "ROI images (image_path) -> one slide H5 of tile features each + a manifest pointing at them."),

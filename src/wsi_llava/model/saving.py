@@ -26,7 +26,6 @@ stop being the base's (a full folder, a merged LoRA), so a later save is full.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import MissingFileError, WsiLlavaError
+from ..errors import WsiLlavaError
 from ..fileio import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -282,17 +281,3 @@ def export_merged(run: str | os.PathLike, out: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="a trained WSI-LLaVA folder (a stage-2/3 output_dir or a checkpoint-N)")
-    parser.add_argument("out", help="new folder for the merged model (loads without the base LM)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if not Path(args.run).is_dir():
-        raise MissingFileError(f"{args.run} does not exist; give a stage-2/3 output_dir")
-    out = export_merged(args.run, args.out)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote {out}: the full model ({size / 1e6:.1f} MB), loads without the base LM")
-    return 0
