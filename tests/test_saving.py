@@ -192,3 +192,64 @@ def test_merged_export_loads_without_the_base(tiny_llm, tmp_path, capsys):
     assert torch.equal(logits(merged, batch), want)
     assert len(tok2) == len(tok)
     assert cli(["export-merged", str(tmp_path / "run"), str(tmp_path / "merged")]) == 2  # exists: refused
+
+
+# ------------------------------------------------------------------------------------ a frozen tower from a file
+ENC = dict(embed_dim=16, depth=2, num_heads=2, segment_lengths=[32, 64], dilations=[1, 2], in_dim=16)
+
+
+def test_frozen_tower_from_a_file_is_referenced_not_copied(tiny_llm, tmp_path):
+    """A frozen slide tower loaded from a weights file is saved as that file + its sha256 (not in
+    model.safetensors); it loads back from the file (identical logits); a changed or missing file is a
+    clear error; a tower that trains is saved among the parts."""
+    from wsi_llava.model.export import save_tower
+
+    model, tok = build(tiny_llm, vision_mode="wsi", vision_config=ENC)
+    tower_file = save_tower(model.vision_tower, tmp_path / "tower.safetensors")
+    setattr(model, saving.TOWER_SOURCE, Path(tower_file).resolve())
+    set_trainable(model, ModelArguments(vision_mode="wsi", freeze_vision_tower=True, freeze_language_model=True),
+                  FinetuningArguments(finetuning_type="full"))
+    with torch.no_grad():
+        model.multi_modal_projector.linear_1.weight.add_(0.1)
+    batch = batch_for(model, tok)
+    want = logits(model, batch)
+    assert save(model, tok, tmp_path / "out") == "parts"
+    keys, _ = keys_and_bytes(tmp_path / "out" / "model.safetensors")
+    assert keys and not any(k.startswith("vision_tower.") for k in keys), keys
+    info = json.loads((tmp_path / "out" / saving.PARTS_NAME).read_text())
+    assert info["vision_tower"]["path"] == str(Path(tower_file).resolve())
+    again, _ = load_wsi_llava(tmp_path / "out")
+    assert torch.equal(logits(again, batch), want)
+    assert getattr(again, saving.TOWER_SOURCE) == Path(tower_file).resolve()  # a later save refers to it again
+
+    moved = tmp_path / "tower.moved"
+    shutil.move(tower_file, moved)
+    with pytest.raises(BaseModelError, match="frozen slide tower .* missing"):
+        load_wsi_llava(tmp_path / "out")
+    other, _ = build(tiny_llm, vision_mode="wsi", vision_config=ENC)
+    with torch.no_grad():
+        other.vision_tower.norm.weight.add_(1.0)
+    save_tower(other.vision_tower, tower_file)
+    with pytest.raises(BaseModelError, match="frozen slide tower .* changed"):
+        load_wsi_llava(tmp_path / "out")
+
+    for p in model.vision_tower.parameters():  # a tower that trains is one of the parts
+        p.requires_grad_(True)
+    save(model, tok, tmp_path / "out_trained")
+    keys, _ = keys_and_bytes(tmp_path / "out_trained" / "model.safetensors")
+    assert any(k.startswith("vision_tower.") for k in keys)
+    assert "vision_tower" not in json.loads((tmp_path / "out_trained" / saving.PARTS_NAME).read_text())
+
+
+def test_export_tower_follows_a_referenced_tower(tiny_llm, tmp_path):
+    from wsi_llava.model.export import read_tower_weights, save_tower
+
+    model, tok = build(tiny_llm, vision_mode="wsi", vision_config=ENC)
+    tower_file = save_tower(model.vision_tower, tmp_path / "tower.safetensors")
+    setattr(model, saving.TOWER_SOURCE, Path(tower_file).resolve())
+    set_trainable(model, ModelArguments(vision_mode="wsi", freeze_vision_tower=True, freeze_language_model=True),
+                  FinetuningArguments(finetuning_type="full"))
+    save(model, tok, tmp_path / "out")
+    got = read_tower_weights(tmp_path / "out")
+    want = read_tower_weights(tower_file)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

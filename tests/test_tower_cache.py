@@ -341,12 +341,18 @@ def test_stage2_with_cache_gives_the_tower_run_losses(stage2_runs, tower):
         assert len(a) == len(b) >= 1
         np.testing.assert_allclose(b, a, rtol=rtol)
     assert any("eval_sanity_check_loss" in h for h in hist["cache"])
-    # the frozen tower is the file's, unchanged, in both runs
+    # the frozen tower is the file's, unchanged, in both runs: saved as a reference to the file (not a copy)
+    # and loaded back from it
+    from wsi_llava.model.saving import PARTS_NAME
+    from wsi_llava.model.wsi_llava import load_wsi_llava
+
     weights = load_file(tower)
     for run in stage2_runs.values():
-        saved = load_file(run / "model.safetensors")
+        assert not any(k.startswith("vision_tower.") for k in load_file(run / "model.safetensors"))
+        assert json.loads((run / PARTS_NAME).read_text())["vision_tower"]["path"] == str(Path(tower).resolve())
+        loaded = load_wsi_llava(run)[0].vision_tower.state_dict()
         for k, v in weights.items():
-            assert torch.equal(saved[f"vision_tower.{k}"], v), k
+            assert torch.equal(loaded[k], v), k
 
 
 def test_stage2_refuses_a_cache_of_another_select_layer(tiny_llm, tower, cohort, cache_dir, tmp_path):

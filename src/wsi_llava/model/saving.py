@@ -11,7 +11,9 @@ A *parts* folder (what training writes, checkpoints included) holds::
                                 there are any
     adapter/                    the LoRA adapter (PEFT ``save_pretrained``), for LoRA runs
     wsi_llava_parts.json        what is where: the base LM folder (as given and resolved), the sha256 of its
-                                weight files, the first added row, the part keys
+                                weight files, the first added row, the part keys; for a frozen slide
+                                tower loaded from a file, that file and its sha256 (the tower is then not
+                                among the parts)
 
 :func:`load_trained` rebuilds the model from the base LM folder, checks its checksum
 (:class:`BaseModelError` naming the folder when it is missing or changed) and applies the parts
@@ -49,6 +51,9 @@ ADDED_NAME = "added_tokens.safetensors"
 ADAPTER_DIR = "adapter"
 LM_PREFIX = "language_model."
 BASE_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOWER_PREFIX = "vision_tower."
+TOWER_SOURCE = "vision_tower_source"
+"""Attribute of a model whose slide tower was loaded from a weights file: that file (a ``Path``)."""
 
 
 class BaseModelError(WsiLlavaError):
@@ -75,6 +80,26 @@ def base_checksum(folder: str | os.PathLike) -> dict:
         combined = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in hashes.items()).encode()).hexdigest()
         _checksums[key] = {"sha256": combined, "files": hashes}
     return _checksums[key]
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """sha256 of one file, cached per (path, size, modification time)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _checksums:
+        _checksums[key] = {"sha256": sha256_file(path)}
+    return _checksums[key]["sha256"]
+
+
+def tower_reference(model) -> dict | None:
+    """``{"path", "sha256"}`` of the file the slide tower was loaded from, when it did not train (then
+    the file, not a copy, is what a save refers to); None when the tower trains or has no file."""
+    source = getattr(model, TOWER_SOURCE, None)
+    params = list(model.vision_tower.parameters())
+    if source is None or not params or any(p.requires_grad for p in params):
+        return None
+    return {"path": str(source), "sha256": file_checksum(source)}
 
 
 def plain_lm(model):
@@ -112,9 +137,11 @@ def lm_trains_in_full(model) -> bool:
 # ---------------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------------
-def part_keys(model) -> list[str]:
-    """State-dict keys of the parts: everything outside the LM, plus the LM parameters that train."""
-    own = [k for k in model.state_dict() if not k.startswith(LM_PREFIX)]
+def part_keys(model, tower_referenced: bool = False) -> list[str]:
+    """State-dict keys of the parts: everything outside the LM (the slide tower only when it is not
+    referenced by its file), plus the LM parameters that train."""
+    own = [k for k in model.state_dict() if not k.startswith(LM_PREFIX)
+           and not (tower_referenced and k.startswith(TOWER_PREFIX))]
     lm = [LM_PREFIX + n for n, p in model.language_model.named_parameters() if p.requires_grad]
     return own + lm
 
@@ -132,7 +159,8 @@ def save_trained(model, folder: str | os.PathLike, merge_for_full: bool = False)
         model.save_pretrained(folder)
         return "full"
     state = model.state_dict()
-    keys = part_keys(model)
+    tower = tower_reference(model)
+    keys = part_keys(model, tower_referenced=tower is not None)
     save_file({k: state[k].detach().cpu().contiguous() for k in keys}, str(folder / WEIGHTS_NAME),
               metadata={"format": "pt"})
     base_vocab = json.loads((base / "config.json").read_text(encoding="utf-8")).get("vocab_size")
@@ -153,6 +181,8 @@ def save_trained(model, folder: str | os.PathLike, merge_for_full: bool = False)
     info = {"format": PARTS_FORMAT, "version": PARTS_VERSION,
             "base_lm": {"path": str(base), "resolved": str(base.resolve()), **base_checksum(base)},
             "added_rows_from": first, "lora": hasattr(model.language_model, "peft_config"), "parts": keys}
+    if tower is not None:
+        info["vision_tower"] = tower
     (folder / PARTS_NAME).write_text(json.dumps(info, indent=1), encoding="utf-8")
     return "parts"
 
@@ -205,7 +235,9 @@ def apply_parts(model, folder: str | os.PathLike) -> None:
     if sorted(parts) != sorted(info["parts"]):
         raise WsiLlavaError(f"{folder / WEIGHTS_NAME}: its tensors differ from those {PARTS_NAME} lists")
     own = model.state_dict()
-    missing = [k for k in own if k not in parts and not k.startswith(LM_PREFIX)]
+    referenced = "vision_tower" in info  # loaded from its own file by load_trained
+    missing = [k for k in own if k not in parts and not k.startswith(LM_PREFIX)
+               and not (referenced and k.startswith(TOWER_PREFIX))]
     unexpected = [k for k in parts if k not in own]
     shapes = [k for k in parts if k in own and tuple(parts[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
@@ -224,6 +256,23 @@ def apply_parts(model, folder: str | os.PathLike) -> None:
                         raise WsiLlavaError(f"{added}: {rows[name].shape[0]} added rows do not fit an embedding "
                                             f"of {emb.weight.shape[0]} rows starting at {first}")
                     emb.weight[first:] = rows[name].to(emb.weight.dtype)
+
+
+def load_referenced_tower(model, folder: Path, ref: dict) -> None:
+    """Load the frozen slide tower a parts folder refers to from its file, checked against its sha256
+    (:class:`BaseModelError` naming the file when it is missing or changed), strictly."""
+    from .export import load_tower
+
+    path = Path(ref["path"])
+    if not path.is_file():
+        raise BaseModelError(f"{folder} uses the frozen slide tower {path}, which is missing; put that file back, "
+                             "or use a merged export (`wsi-llava export-merged`) that needs no tower file")
+    if file_checksum(path) != ref["sha256"]:
+        raise BaseModelError(f"{folder} uses the frozen slide tower {path}, which has changed since (sha256 "
+                             "differs); restore the original file")
+    encoder = load_tower(path, **model.config.vision_config.architecture())
+    model.vision_tower.load_state_dict(encoder.state_dict(), strict=True)
+    setattr(model, TOWER_SOURCE, path)
 
 
 def load_trained(folder: str | os.PathLike, model_cls, dtype: torch.dtype | None = None, merge_lora: bool = True):
@@ -250,6 +299,8 @@ def load_trained(folder: str | os.PathLike, model_cls, dtype: torch.dtype | None
         from peft import PeftModel
 
         model.language_model = PeftModel.from_pretrained(lm, str(folder / ADAPTER_DIR))
+    if "vision_tower" in info:
+        load_referenced_tower(model, folder, info["vision_tower"])
     apply_parts(model, folder)
     if merge_lora and info["lora"]:
         merge_adapter(model)

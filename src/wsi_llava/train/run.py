@@ -17,7 +17,7 @@ from ..data.manifest import Record, load_manifest
 from ..data.prompts import PromptBuilder
 from ..data.slides import read_slide_meta
 from ..model.configuration import SlideEncoderConfig, WsiLlavaConfig
-from ..model.saving import save_trained
+from ..model.saving import TOWER_SOURCE, save_trained
 from ..model.wsi_llava import WsiLlavaForConditionalGeneration, load_wsi_llava
 from . import final
 from .checkpoint import (
@@ -175,6 +175,10 @@ def build_model(cfg: TrainConfig, feature_dim: int):
             raise ConfigError(f"{cfg.source}: {e}") from None
         if encoder is not None:
             model.vision_tower.load_state_dict(encoder.state_dict(), strict=True)
+            # a frozen tower is saved as a reference to this file (model/saving.py), not copied
+            source = Path(cfg.resolve(m.vision_tower)).resolve()
+            if source.is_file():
+                setattr(model, TOWER_SOURCE, source)
     if m.chat_template:
         tokenizer.chat_template = m.chat_template
     if m.projector_path:
