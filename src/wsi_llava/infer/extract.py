@@ -17,6 +17,11 @@ Resumable: every file is written under a temporary name and renamed; the H5 file
 slide whose H5 exists, is complete and records the same settings (:func:`extraction_key`: encoder and
 weights SHA-256, magnification, tile size, tissue threshold, slide size) is skipped. An unreadable or
 corrupt slide is listed in ``errors.jsonl`` and the cohort goes on; the exit code is then 1.
+
+Sharded under ``torchrun`` / ``accelerate launch`` (:mod:`.shard`): the slides are shared out by level-0
+area (:func:`~.shard.slide_areas`); each rank writes its own slides' files and its own tables
+(``slides.rank{r}-of-{w}.csv``, ``errors.rank{r}-of-{w}.jsonl``); after a barrier rank 0 merges them
+(:func:`merge_tables`) into the tables one process writes.
 """
 
 from __future__ import annotations
@@ -34,7 +39,10 @@ from ..data.wsi_reader import WsiError, find_slides, read_mpp_csv
 from ..errors import MissingFileError, WsiLlavaError
 from ..fileio import atomic_write_text, sha256_file
 from ..precision import Precision, add_precision_arguments, resolve_precision
+from . import shard
 
+#: the cohort tables in the output folder: one row per extracted slide, one line per failed slide
+TABLES = ("slides.csv", "errors.jsonl")
 COLUMNS = ("slide_id", "slide_path", "h5_path", "n_tiles", "mpp", "level0_magnification", "target_magnification",
            "patch_size", "patch_size_level0", "level0_width", "level0_height", "geojson_path", "thumbnail_path")
 
@@ -78,13 +86,45 @@ def finished_row(h5: Path, key: str | None, out: Path) -> dict | None:
         return None
 
 
-def _write_table(out: Path, rows: list[dict], errors: list[dict]) -> None:
+def table_paths(out: str | os.PathLike, sh: shard.Shard | None = None) -> tuple[Path, Path]:
+    """``slides.csv`` and ``errors.jsonl`` of ``out``, or this rank's parts of them in a sharded run."""
+    paths = tuple(Path(out) / name for name in TABLES)
+    return paths if sh is None else tuple(sh.part_path(p) for p in paths)
+
+
+def _write_table(tables: tuple[Path, Path], rows: list[dict], errors: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: r["slide_id"]))
-    atomic_write_text(out / "slides.csv", buf.getvalue())
-    atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+    atomic_write_text(tables[0], buf.getvalue())
+    atomic_write_text(tables[1], "".join(json.dumps(e) + "\n" for e in errors))
+
+
+def merge_tables(out: str | os.PathLike, slides: list[Path], world: int) -> None:
+    """Rank 0 after the barrier: the table parts of the ``world`` ranks into ``slides.csv`` and
+    ``errors.jsonl``, as one process writes them for ``slides`` (rows by slide_id, errors in the order of
+    ``slides``); then every table part in ``out`` (of any world size) is removed."""
+    rows: list[dict] = []
+    errors: list[dict] = []
+    for r in range(world):
+        part_csv, part_errors = (shard.part_path(p, r, world) for p in table_paths(out))
+        if not (part_csv.exists() and part_errors.exists()):
+            raise RuntimeError(f"{out}: rank {r} left no {part_csv.name} / {part_errors.name}; rerun to complete it")
+        with open(part_csv, newline="", encoding="utf-8") as f:
+            rows.extend(csv.DictReader(f))  # strings, written back as they are
+        errors.extend(json.loads(line) for line in part_errors.read_text(encoding="utf-8").splitlines())
+    order = {str(s): i for i, s in enumerate(slides)}
+    errors.sort(key=lambda e: order.get(e["slide"], len(order)))
+    _write_table(table_paths(out), rows, errors)
+    remove_table_parts(out)
+
+
+def remove_table_parts(out: str | os.PathLike) -> None:
+    """Delete the table parts a sharded run left in ``out`` (merged, or stale after a kill)."""
+    for table in table_paths(out):
+        for p in shard.find_parts(table):
+            p.unlink(missing_ok=True)
 
 
 def check_unique_ids(slides: list[Path]) -> None:
@@ -98,15 +138,18 @@ def check_unique_ids(slides: list[Path]) -> None:
 
 def extract_cohort(slides: list[Path], out: str | os.PathLike, encoder, settings: ExtractSettings,
                    mpp_table: dict[str, float] | None = None, device: str = "cpu",
-                   precision: Precision | None = None, progress: bool = True) -> dict:
+                   precision: Precision | None = None, progress: bool = True,
+                   tables: tuple[Path, Path] | None = None) -> dict:
     """Extract every slide of ``slides`` not yet finished into ``out``; returns counts
-    ``{"extracted", "skipped", "failed", "tiles"}`` (tiles: written in this run)."""
+    ``{"extracted", "skipped", "failed", "tiles"}`` (tiles: written in this run). The rows of ``slides``
+    and their errors go to ``tables`` (default :func:`table_paths` of ``out``), rewritten after each slide."""
     from tqdm import tqdm
 
     from .extract_slide import encode_tiles, plan_slide, write_h5, write_tissue
 
     check_unique_ids(slides)
     out = Path(out)
+    tables = tables or table_paths(out)
     for sub in ("features", "tissue", "thumbnails"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     encoder = encoder.to(device).eval()
@@ -133,7 +176,7 @@ def extract_cohort(slides: list[Path], out: str | os.PathLike, encoder, settings
             except WsiLlavaError as e:
                 errors.append({"slide": str(slide), "slide_id": slide.stem, "error": str(e)})
                 counts["failed"] += 1
-                _write_table(out, rows, errors)
+                _write_table(tables, rows, errors)
                 continue
             write_h5(plan, features, target, {"extraction": key, "source_slide": str(slide.resolve()),
                                               "mpp": plan.mpp, "tile_encoder": settings.encoder_id,
@@ -142,8 +185,8 @@ def extract_cohort(slides: list[Path], out: str | os.PathLike, encoder, settings
             counts["extracted"] += 1
             counts["tiles"] += len(features)
             bar.set_postfix(tiles=counts["tiles"], failed=counts["failed"])
-            _write_table(out, rows, errors)
-    _write_table(out, rows, errors)
+            _write_table(tables, rows, errors)
+    _write_table(tables, rows, errors)
     return counts
 
 
@@ -169,7 +212,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..model.tile_encoder import load_tile_encoder
-    from .shard import device_for
 
     if args.magnification <= 0 or args.tile_size < 1 or args.batch_size < 1 or args.workers < 0:
         raise WsiLlavaError("--magnification, --tile-size and --batch-size must be positive and --workers >= 0")
@@ -180,15 +222,33 @@ def main(args: argparse.Namespace) -> int:
     slides = find_slides(args.slides)
     if not slides:
         raise WsiLlavaError(f"no slide files in {', '.join(args.slides)}")
+    check_unique_ids(slides)  # over the whole cohort: two ranks must never write the same files
     mpp_table = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
     encoder = load_tile_encoder(args.weights, args.encoder)
-    device = device_for(args.device, None)
-    precision = resolve_precision(args.precision, device, force=args.force_precision)
     settings = ExtractSettings(f"{encoder.name}:{sha256_file(args.weights)}", args.magnification, args.tile_size,
                                args.min_tissue, args.batch_size, args.workers)
-    counts = extract_cohort(slides, args.out, encoder, settings, mpp_table, device, precision,
-                            progress=not args.no_progress)
-    print(f"extracted {counts['extracted']} slide(s) ({counts['tiles']} tiles), skipped {counts['skipped']} already "
-          f"done, {counts['failed']} failed -> {Path(args.out) / 'slides.csv'}"
-          + (f"; see {Path(args.out) / 'errors.jsonl'}" if counts["failed"] else ""))
-    return 1 if counts["failed"] else 0
+    with shard.sharded() as sh:
+        device = shard.device_for(args.device, sh)
+        precision = resolve_precision(args.precision, device, force=args.force_precision)
+        mine = slides
+        if sh is not None:  # this rank's slides, balanced by level-0 area
+            areas = sh.from_main(lambda: shard.slide_areas(slides, mpp_table))
+            mine = [slides[i] for i in shard.balance(areas, sh.world)[sh.rank]]
+        counts = extract_cohort(mine, args.out, encoder, settings, mpp_table, device, precision,
+                                progress=not args.no_progress and (sh is None or sh.is_main),
+                                tables=table_paths(args.out, sh))
+        if sh is not None:
+            sh.barrier()
+            counts = dict(zip(counts, sh.total(list(counts.values()))))
+        if sh is None or sh.is_main:
+            if sh is not None:
+                merge_tables(args.out, slides, sh.world)
+            else:
+                remove_table_parts(args.out)  # a killed sharded run's parts: this run's tables replace them
+            print(f"extracted {counts['extracted']} slide(s) ({counts['tiles']} tiles), skipped {counts['skipped']} "
+                  f"already done, {counts['failed']} failed -> {Path(args.out) / 'slides.csv'}"
+                  + (f"; see {Path(args.out) / 'errors.jsonl'}" if counts["failed"] else "")
+                  + (f" (by {sh.world} processes)" if sh else ""), flush=True)
+        if sh is not None:
+            sh.barrier()
+        return 1 if counts["failed"] else 0

@@ -1,21 +1,24 @@
-"""Sharded inference: ``predict``, ``encode`` and ``embed`` launched by ``torchrun`` / ``accelerate launch``.
+"""Sharded inference: ``predict``, ``encode``, ``embed`` and ``extract`` launched by ``torchrun`` /
+``accelerate launch``.
 
-One rule for the three commands:
+One rule for the four commands:
 
 - **Who runs.** :func:`sharded` reads the variables the launcher sets (``WORLD_SIZE``, ``RANK``,
   ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and joins a gloo process group (used only for
   barriers and a few small broadcasts; the model never communicates). ``WORLD_SIZE`` unset or 1: no
   process group, the command runs exactly as a single process.
 - **Who does what.** The work is cut into units (a batch of rows for ``predict`` and ``embed``, a slide
-  for ``encode``); each unit weighs its tile count, read cheaply from the slide file's header
-  (:func:`~wsi_llava.data.slides.read_slide_meta`) by rank 0 and broadcast. :func:`balance` puts the units
+  for ``encode`` and ``extract``); each unit weighs its tile count, read cheaply from the slide file's header
+  (:func:`~wsi_llava.data.slides.read_slide_meta`), or for a raw slide of ``extract`` its level-0 area in
+  µm² (:func:`slide_areas`), by rank 0 and broadcast. :func:`balance` puts the units
   largest first onto the least-loaded rank (ties: the lower unit index, the lower rank), so the plan is
   the same on every rank and in every rerun. Whole batches are sharded, so every row is generated in the
   same batch as in a single-process run.
 - **Outputs.** Each rank writes its own file beside the output (:meth:`Shard.part_path`:
   ``OUT.rank{r}-of-{w}.jsonl`` / ``.h5``) — appended per batch (``predict``, resumable per rank) or
-  written atomically (``embed``); ``encode`` writes one cache file per slide as always. After a barrier
-  rank 0 merges the parts into the output in the order a single process writes it and removes them.
+  written atomically (``embed``, and ``extract``'s ``slides.csv`` / ``errors.jsonl``); ``encode`` and
+  ``extract`` write one file per slide as always. After a barrier rank 0 merges the parts into the output
+  in the order a single process writes it and removes them.
 """
 
 from __future__ import annotations
@@ -149,6 +152,23 @@ def tile_counts(paths: Sequence[str | os.PathLike], cap: int | None = None) -> l
             except (SlideError, OSError, ValueError):
                 seen[key] = 1
         out.append(seen[key])
+    return out
+
+
+def slide_areas(paths: Sequence[str | os.PathLike], mpp_table: dict[str, float] | None = None) -> list[float]:
+    """Level-0 area in µm² (width × height × mpp², from OpenSlide's header) of each raw slide: proportional
+    to its tile grid and its segmentation thumbnail at any magnification. 1.0 for a slide that cannot be
+    opened or has no pixel size (it fails at once; its error is reported by the rank that processes it)."""
+    from ..data.wsi_reader import open_wsi
+    from ..errors import WsiLlavaError
+
+    out = []
+    for p in paths:
+        try:
+            with open_wsi(p, mpp_table) as reader:
+                out.append(max(1.0, reader.width * reader.height * reader.mpp ** 2))
+        except (WsiLlavaError, OSError, ValueError):
+            out.append(1.0)
     return out
 
 
