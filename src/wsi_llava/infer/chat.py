@@ -1,7 +1,9 @@
 """`wsi-llava chat --model DIR --slide X.h5 [--question Q]`: one answer, or a multi-turn session.
 
-With ``--tower-cache DIR`` the slide's tower outputs are read from a ``wsi-llava encode`` folder (by
-``--slide-id``, default the file's stem) and the tower does not run."""
+``--slide`` may also be a raw slide (``X.svs``, ``.tif``, ``.ndpi``, ``.mrxs`` …, by suffix): its tile
+features are extracted with ``--tile-weights`` once and cached (:mod:`.slide_features`), so later
+chats on it start at once. With ``--tower-cache DIR`` the slide's tower outputs are read from a
+``wsi-llava encode`` folder (by ``--slide-id``, default the file's stem) and the tower does not run."""
 
 from __future__ import annotations
 
@@ -10,20 +12,24 @@ import json
 import sys
 from pathlib import Path
 
+from ..data.wsi_reader import is_raw_slide
 from ..precision import add_precision_arguments
 from .engine import SlideAssistant
 from .generation import GenerationSettings
+from .slide_features import add_raw_slide_arguments, check_width, feature_cache_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
     add_precision_arguments(parser, device=True)
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--slide", help="slide H5 file (features + coords)")
+    src.add_argument("--slide", help="slide H5 file (features + coords), or a raw slide (.svs .tif .ndpi .mrxs …): "
+                                     "its tile features are extracted with --tile-weights once and cached")
     src.add_argument("--image", help="ROI image (PNG/JPEG/TIFF): tiled and encoded by --tile-encoder (ROI mode)")
-    parser.add_argument("--tile-weights", help="tile encoder weights (.safetensors / .bin), local only; with --image")
+    parser.add_argument("--tile-weights", help="tile encoder weights (.safetensors / .bin), local only; with --image "
+                                               "or a raw --slide")
     parser.add_argument("--tile-encoder", help="gigapath, uni, vit or timm:<arch> (default: the name written in "
-                                               "--tile-weights' metadata); with --image")
+                                               "--tile-weights' metadata); with --tile-weights")
     parser.add_argument("--question", help="ask one question and exit; without it, a multi-turn session on stdin")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -33,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                               "cached tower outputs instead of running the tower")
     parser.add_argument("--slide-id", help="the slide's id in the tower cache (default: the slide file's name "
                                            "without .h5); only with --tower-cache")
+    add_raw_slide_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,25 +47,31 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--slide-id only applies with --tower-cache")
     if args.image and args.tower_cache:
         raise SystemExit("--tower-cache reads cached slide files; with --image the tiles are encoded now")
-    if args.image and not args.tile_weights:
-        raise SystemExit("--image needs --tile-weights (the tile encoder's local weights file)")
+    raw = bool(args.slide) and is_raw_slide(args.slide)
+    if (args.image or raw) and not args.tile_weights:
+        raise SystemExit(f"{'--image' if args.image else f'--slide {args.slide} (a raw slide)'} needs --tile-weights "
+                         "(the tile encoder's local weights file)")
     assistant = SlideAssistant.from_pretrained(args.model, tower_cache=args.tower_cache, device=args.device,
                                                precision=args.precision, force_precision=args.force_precision)
-    if args.image:
+    encoder = None
+    if args.tile_weights and (args.image or raw):
         from ..model.tile_encoder import load_tile_encoder
-        from .roi import roi_to_slide
 
         encoder = load_tile_encoder(args.tile_weights, args.tile_encoder)
-        cfg = assistant.model.config
-        want = cfg.feature_dim
-        if encoder.embed_dim != want:
-            raise SystemExit(f"--tile-weights {args.tile_weights}: the tile encoder gives {encoder.embed_dim}-d "
-                             f"features, the model takes {want}-d tile features")
+        check_width(encoder, assistant.model.config.feature_dim, args.tile_weights)
+    if args.image:
+        from .roi import roi_to_slide
+
         slide = roi_to_slide(args.image, encoder, assistant.patches_per_wsi)
         args.slide = args.image
     else:
         slide_id = (args.slide_id or Path(args.slide).stem) if args.tower_cache else None
-        slide = assistant.load(args.slide, slide_id=slide_id)
+        path = args.slide
+        if raw:
+            cache = feature_cache_from_args(args, encoder, assistant.model.config.feature_dim,
+                                            str(assistant.model.device), assistant.precision)
+            path = cache.entry(args.slide)
+        slide = assistant.load(path, slide_id=slide_id)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     history: list[tuple[str, str]] = []
     questions = [args.question] if args.question else None

@@ -13,6 +13,9 @@ Line format: ``key, slide_id, question, reference, prediction, choices, kind, ca
 Rows with an ``image_path`` (ROI image) and no ``h5_path`` are encoded on the fly with ``--tile-weights``
 (and ``--tile-encoder``; each image once per run, :class:`~wsi_llava.infer.roi.RoiSlides`); without
 it each such row is an error saying to run ``wsi-llava encode-roi`` or pass ``--tile-weights``.
+Rows whose ``h5_path`` is a raw slide (``.svs``, ``.tif``, ``.ndpi``, ``.mrxs`` …, by suffix) are
+extracted with ``--tile-weights`` once and cached (:mod:`.slide_features`); without it each such row is
+an error saying to pass ``--tile-weights`` or run ``wsi-llava extract``.
 
 Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), whole batches are shared out
 among the processes by tile count; each appends to ``OUT.rank{r}-of-{w}.jsonl`` (resumable per rank) and
@@ -37,12 +40,14 @@ from ..data.manifest import Record, load_manifest
 from ..data.prompts import record_turn
 from ..data.slides import SlideError
 from ..data.subset import add_subset_arguments, select
+from ..data.wsi_reader import WsiError, is_raw_slide
 from ..errors import WsiLlavaError
 from ..fileio import atomic_write_text
 from ..precision import add_precision_arguments
 from . import shard
 from .engine import SlideAssistant, zeros_like_slide
 from .generation import GenerationSettings
+from .slide_features import add_raw_slide_arguments, feature_cache_from_args
 
 ABLATIONS = ("none", "zero", "shuffle")
 
@@ -130,7 +135,7 @@ def shuffle_partner(slide_ids: list[str], seed: int = 0) -> dict[str, str]:
 def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_size: int = 8,
             settings: GenerationSettings | None = None, ablate: str = "none", explain: bool = False,
             progress: bool = True, batches: list[int] | None = None, also_done: Sequence[Path] = (),
-            rois=None) -> dict:
+            rois=None, raw=None) -> dict:
     """Answer every record not yet in ``out``; returns counts ``{"done", "skipped", "errors"}``.
 
     Batches are fixed: batch b holds rows ``b*batch_size …`` of ``records``, whatever is already done
@@ -138,7 +143,9 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     ``batches``: only these batch numbers (a rank's share of a sharded run; :mod:`.shard`).
     ``also_done``: other prediction files whose keys count as done.
     ``rois``: image path → :class:`Slide` (a :class:`~wsi_llava.infer.roi.RoiSlides`) for rows with an
-    ``image_path`` and no ``h5_path``; None: such rows are errors."""
+    ``image_path`` and no ``h5_path``; None: such rows are errors.
+    ``raw``: a :class:`~wsi_llava.infer.slide_features.FeatureCache` for rows whose ``h5_path`` is a raw
+    slide; None: such rows are errors."""
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}")
     out = Path(out)
@@ -160,6 +167,12 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     by_id = {r.slide_id: r for r in records}
 
     def load_row(rec: Record, sid: str):
+        if rec.h5_path and is_raw_slide(rec.h5_path):
+            if raw is None:
+                raise ValueError(f"{rec.where} [h5_path]: {rec.h5_path} is a raw slide; pass --tile-weights to "
+                                 f"extract its tile features now (cached), or run `wsi-llava extract` and point "
+                                 f"h5_path at its H5 file")
+            return assistant.load(raw.entry(rec.h5_path), slide_id=sid)
         if rec.h5_path:
             return assistant.load(rec.h5_path, slide_id=sid)
         if rois is None:
@@ -184,7 +197,7 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
                     if ablate == "zero":
                         slide = zeros_like_slide(slide)
                     user, _, qtext = record_turn(r)
-                except (SlideError, OSError, ValueError) as e:
+                except (SlideError, WsiError, OSError, ValueError) as e:
                     counts["errors"] += 1
                     entry = {"key": key, "source": r.source, "row": r.row, "error": str(e)}
                     if errors.get(key) != entry:  # a rerun that fails the same way adds nothing
@@ -236,6 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                "an image_path and no h5_path are encoded on the fly")
     parser.add_argument("--tile-encoder", help="gigapath | uni | vit | timm:<arch> (default: the name in "
                                                "--tile-weights' metadata); with --tile-weights")
+    add_raw_slide_arguments(parser)
 
 
 def merge_parts(out: Path, records: list[Record]) -> int:
@@ -278,21 +292,32 @@ def main(args: argparse.Namespace) -> int:
                          getattr(args, "limit", None))
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         out = Path(args.out)
-        rois = None
+        rois = raw = None
         image_only = any(r.image_path and not r.h5_path for r in records)
+        raw_rows = any(r.h5_path and is_raw_slide(r.h5_path) for r in records)
         if image_only and (sh is not None or (args.tile_weights and getattr(args, "tower_cache", None))):
             raise WsiLlavaError("rows with only an ROI image (image_path, no h5_path) are encoded in the run: not "
                                 "with --tower-cache or a sharded launch; run `wsi-llava encode-roi` first and "
                                 "predict on its manifest")
+        if raw_rows and sh is not None:
+            raise WsiLlavaError("rows whose h5_path is a raw slide are extracted in the run: not in a sharded "
+                                "launch; run `wsi-llava extract` first (or predict once without torchrun, which "
+                                "fills the feature cache) and point h5_path at the H5 files")
+        cfg = assistant.model.config
         if image_only and args.tile_weights:
             from .roi import RoiSlides
 
-            cfg = assistant.model.config
             rois = RoiSlides(args.tile_weights, args.tile_encoder, assistant.patches_per_wsi,
                              cfg.feature_dim)
+        if raw_rows and args.tile_weights:
+            from ..model.tile_encoder import load_tile_encoder
+
+            encoder = rois.encoder if rois is not None else load_tile_encoder(args.tile_weights, args.tile_encoder)
+            raw = feature_cache_from_args(args, encoder, cfg.feature_dim, str(assistant.model.device),
+                                          assistant.precision)
         if sh is None:
             counts = predict(assistant, records, out, args.batch_size, settings, args.ablate, args.explain,
-                             rois=rois)
+                             rois=rois, raw=raw)
             print(_summary(counts, args.out))
             return 1 if counts["errors"] else 0
         # sharded: whole batches per rank, balanced by tiles; each rank appends to its own part file
