@@ -28,7 +28,7 @@ from wsi_llava.infer.extract import ExtractSettings  # noqa: E402
 from wsi_llava.infer.generation import GenerationSettings  # noqa: E402
 from wsi_llava.infer.slide_features import (FeatureCache, TileWidthError, feature_cache,  # noqa: E402
                                             remembered_sha256, slide_files)
-from wsi_llava.model.tile_encoder import build_tile_encoder, save_tile_weights  # noqa: E402
+from wsi_llava.model.tile_encoder import build_tile_encoder, load_tile_encoder, save_tile_weights  # noqa: E402
 from wsi_llava.serve.app import create_app  # noqa: E402
 
 from serve_helpers import MODEL, one_thread, openai_error, running, serve_config, tiny_serving_cached  # noqa: E402
@@ -168,20 +168,21 @@ class Interrupting(torch.nn.Module):
 def test_an_interrupted_extraction_leaves_no_entry(setup, tmp_path):
     tiny, base = setup
     slide = tiny.slides_root / "raw" / "case.tiff"
-    torch.manual_seed(0)
-    encoder = build_tile_encoder("vit", **TINY_VIT).eval()
-    settings = ExtractSettings("vit:test", batch_size=2, workers=0)
+    weights = base / "tile.safetensors"
+    encoder = load_tile_encoder(weights)
+    settings = ExtractSettings("", batch_size=2, workers=0)
     lines: list[str] = []
-    killed = FeatureCache(Interrupting(encoder), settings, tmp_path, report=lines.append)
+    killed = FeatureCache(Interrupting(encoder), weights, settings, tmp_path, report=lines.append)
     with pytest.raises(KeyboardInterrupt):
         killed.entry(slide)
     assert not entries(tmp_path) and not list(tmp_path.glob(".*.tmp")) and killed.extractions == 0
-    cache = FeatureCache(encoder, settings, tmp_path, report=lines.append)
+    cache = FeatureCache(encoder, weights, settings, tmp_path, report=lines.append)
     entry = cache.entry(slide)
     assert entries(tmp_path) == [entry] and cache.extractions == 1
     assert cache.entry(slide) == entry and cache.extractions == 1
+    assert cache.settings.encoder_id == f"vit:{hashlib.sha256(weights.read_bytes()).hexdigest()}"
     # an mpp override is part of the key
-    over = FeatureCache(encoder, settings, tmp_path, mpp_table={"case.tiff": 0.5}, report=lines.append)
+    over = FeatureCache(encoder, weights, settings, tmp_path, mpp_table={"case.tiff": 0.5}, report=lines.append)
     assert over.entry(slide) != entry and len(entries(tmp_path)) == 2
     # a slide with no tissue tile is an error naming it, and caches nothing
     blank = tmp_path / "blank.tiff"
@@ -197,7 +198,8 @@ def test_mirax_companion_files_are_part_of_the_content(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "Data0000.dat").write_bytes(b"pixels")
     assert slide_files(slide) == [slide, tmp_path / "m" / "Data0000.dat"]
-    cache = FeatureCache(build_tile_encoder("vit", **TINY_VIT), ExtractSettings("vit:x"), tmp_path / "cache")
+    cache = FeatureCache(build_tile_encoder("vit", **TINY_VIT), tmp_path / "unused.safetensors", ExtractSettings(""),
+                         tmp_path / "cache")
     before = cache.content_hash(slide)
     (tmp_path / "m" / "Data0000.dat").write_bytes(b"other pixels")
     assert cache.content_hash(slide) != before
@@ -262,6 +264,7 @@ def test_serve_answers_on_a_raw_slide_by_id(setup, assistant, extracted, tmp_pat
     config = serve_config(tiny, tile_weights=str(base / "tile.safetensors"), feature_cache=str(cache),
                           slide_reader="thread")
     with running(create_app(config, assistant)) as url:
+        assert not cache.exists()  # nothing is hashed or written before a raw slide is used
         ids = [s["id"] for s in httpx.get(url + "/v1/slides").json()["data"]]
         assert {"raw/case.tiff", "raw/bad.svs"} <= set(ids) and set(tiny.slide_ids) <= set(ids)
         with one_thread():

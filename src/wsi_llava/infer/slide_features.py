@@ -25,6 +25,8 @@ space). Only the H5 entry is cached: for the tissue mask and overview of a slide
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -99,23 +101,32 @@ def _stderr(line: str) -> None:
 class FeatureCache:
     """Raw slide → cached H5 entry of its tile features (see the module docstring).
 
-    ``encoder``: the frozen tile encoder (moved to ``device``, eval mode); ``settings``: its
-    :class:`~wsi_llava.infer.extract.ExtractSettings` (``encoder_id`` included); ``report``: called
-    with one line before and after each extraction (default: stderr). Thread-safe: one extraction runs
-    at a time. ``extractions`` counts the extractions this object ran."""
+    ``encoder``: the frozen tile encoder loaded from ``weights`` (moved to ``device``, eval mode);
+    ``settings``: the :class:`~wsi_llava.infer.extract.ExtractSettings` to extract with, whose
+    ``encoder_id`` is filled in on first use (:func:`~wsi_llava.infer.extract.encoder_id` with the
+    remembered hash of ``weights``: nothing is read or written before a raw slide is asked for);
+    ``report``: called with one line before and after each extraction (default: stderr). Thread-safe:
+    one extraction runs at a time. ``extractions`` counts the extractions this object ran."""
 
-    def __init__(self, encoder, settings: ExtractSettings, cache_dir: str | os.PathLike | None = None,
-                 mpp_table: dict[str, float] | None = None, device: str = "cpu", precision: Precision | None = None,
-                 report: Callable[[str], None] = _stderr):
+    def __init__(self, encoder, weights: str | os.PathLike, settings: ExtractSettings,
+                 cache_dir: str | os.PathLike | None = None, mpp_table: dict[str, float] | None = None,
+                 device: str = "cpu", precision: Precision | None = None, report: Callable[[str], None] = _stderr):
         check_tiling(settings.magnification, settings.tile_size, settings.min_tissue)
         self.encoder = encoder.to(device).eval()
         self.encoder.requires_grad_(False)
-        self.settings = settings
+        self.weights = Path(weights)
+        self._settings = settings
         self.dir = (Path(cache_dir) if cache_dir else default_cache_dir()).absolute()
         self.mpp_table = mpp_table or {}
         self.device, self.precision, self.report = device, precision, report
         self.extractions = 0
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def settings(self) -> ExtractSettings:
+        """The extraction settings, with the tile encoder's id."""
+        eid = encoder_id(self.encoder, self.weights, self.file_hash)
+        return dataclasses.replace(self._settings, encoder_id=eid)
 
     # -- keys ------------------------------------------------------------------------------------
     def file_hash(self, path: Path) -> str:
@@ -156,7 +167,7 @@ class FeatureCache:
                 return target
             self.dir.mkdir(parents=True, exist_ok=True)
             s = self.settings
-            self.report(f"extracting tile features of {slide} ({s.encoder_id.split(':')[0]}, {s.magnification:g}x, "
+            self.report(f"extracting tile features of {slide} ({self.encoder.name}, {s.magnification:g}x, "
                         f"{s.tile_size} px tiles) into {self.dir} …")
             start = time.monotonic()
             n = extract_slide(slide, target, key, self.encoder, s, self.mpp_table, self.device, self.precision)
@@ -183,12 +194,10 @@ def feature_cache(weights: str | os.PathLike, encoder, expected_dim: int, cache_
     """A :class:`FeatureCache` for the tile encoder ``encoder`` loaded from ``weights`` (its width checked
     against the model's ``expected_dim``)."""
     check_width(encoder, expected_dim, weights)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     extra = {} if min_tissue is None else {"min_tissue": min_tissue}
-    eid = encoder_id(encoder, weights, lambda p: remembered_sha256(p, cache_dir))
-    settings = ExtractSettings(eid, magnification, tile_size, workers=workers, **extra)
-    return FeatureCache(encoder, settings, cache_dir, read_mpp_csv(mpp_csv) if mpp_csv else None, device, precision,
-                        report)
+    settings = ExtractSettings("", magnification, tile_size, workers=workers, **extra)
+    return FeatureCache(encoder, weights, settings, cache_dir, read_mpp_csv(mpp_csv) if mpp_csv else None, device,
+                        precision, report)
 
 
 def feature_cache_from_args(args: argparse.Namespace, encoder, expected_dim: int, device: str = "cpu",
