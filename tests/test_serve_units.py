@@ -75,6 +75,23 @@ def test_list_slides_lists_only_servable_files(root):
     assert len(refs) == 2 and truncated
 
 
+def test_raw_slides_resolve_and_are_listed_with_their_suffix(tmp_path):
+    slides = tmp_path / "slides"
+    (slides / "sub").mkdir(parents=True)
+    for name in ("a.h5", "a.svs", "sub/c.ndpi", "sub/d.TIFF", "roi.png"):
+        (slides / name).write_bytes(b"x")
+    root = real_root(slides)
+    assert [(r.id, r.raw) for r in list_slides(root)[0]] == [("a", False), ("a.svs", True), ("sub/c.ndpi", True),
+                                                             ("sub/d.TIFF", True)]
+    assert resolve_slide(root, "a").path == os.path.join(root, "a.h5")  # an H5 file comes first
+    assert resolve_slide(root, "a.svs").raw
+    c = resolve_slide(root, "sub/c")  # without its suffix, a raw slide resolves too, to its canonical id
+    assert c.id == "sub/c.ndpi" and c.path == os.path.join(root, "sub", "c.ndpi")
+    with pytest.raises(ApiError) as err:
+        resolve_slide(root, "roi.png")
+    assert err.value.status == 404
+
+
 def test_real_root_must_be_a_folder(tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
         real_root(tmp_path / "nope")

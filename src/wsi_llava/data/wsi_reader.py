@@ -211,6 +211,11 @@ def open_wsi(path: str | os.PathLike, mpp_table: dict[str, float] | None = None)
     return WsiReader(p, mpp)
 
 
+def is_raw_slide(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a raw slide by its suffix (:data:`SLIDE_SUFFIXES`), e.g. rather than a slide H5 file."""
+    return os.fspath(path).lower().endswith(SLIDE_SUFFIXES)
+
+
 def find_slides(inputs: list[str | os.PathLike]) -> list[Path]:
     """Files named directly, and the files with a :data:`SLIDE_SUFFIXES` suffix directly inside each
     folder named (sorted); a path that does not exist is a :class:`MissingFileError`."""

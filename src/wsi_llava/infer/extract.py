@@ -31,6 +31,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,34 @@ def check_unique_ids(slides: list[Path]) -> None:
         seen[s.stem] = s
 
 
+def encoder_id(encoder, weights: str | os.PathLike, digest: Callable[[Path], str] = sha256_file) -> str:
+    """What identifies a tile encoder's features: its name and the SHA-256 of its weights file (computed
+    by ``digest``, e.g. one that remembers it)."""
+    return f"{encoder.name}:{digest(Path(weights))}"
+
+
+def extract_slide(slide: Path, target: Path, key: str, encoder, settings: ExtractSettings,
+                  mpp_table: dict[str, float] | None = None, device: str = "cpu", precision: Precision | None = None,
+                  tissue: tuple[Path, Path] | None = None) -> int:
+    """One slide: plan its tiles, encode them with ``encoder`` (already on ``device``, in eval mode) and
+    write the H5 file ``target`` atomically (attribute ``extraction``: ``key``); returns the tile count.
+    ``tissue``: (GeoJSON, overview PNG) files to write too, before encoding. A slide without a tissue
+    tile, or one that cannot be read, is a :class:`~wsi_llava.data.wsi_reader.WsiError` naming it."""
+    from .extract_slide import encode_tiles, plan_slide, write_h5, write_tissue
+
+    plan = plan_slide(slide, settings.magnification, settings.tile_size, settings.min_tissue, mpp_table)
+    if tissue is not None:
+        write_tissue(plan, *tissue)
+    if len(plan.coords) == 0:
+        see = f" (see {tissue[1].parent.name}/{tissue[1].name})" if tissue is not None else ""
+        raise WsiError(f"{slide}: no tile is at least {settings.min_tissue:.0%} tissue{see}; nothing to encode")
+    features = encode_tiles(plan, encoder, settings.batch_size, settings.workers, device, precision)
+    write_h5(plan, features, target, {"extraction": key, "source_slide": str(Path(slide).resolve()),
+                                      "mpp": plan.mpp, "tile_encoder": settings.encoder_id,
+                                      "tissue_threshold": settings.min_tissue})
+    return len(features)
+
+
 def extract_cohort(slides: list[Path], out: str | os.PathLike, encoder, settings: ExtractSettings,
                    mpp_table: dict[str, float] | None = None, device: str = "cpu",
                    precision: Precision | None = None, progress: bool = True,
@@ -144,8 +173,6 @@ def extract_cohort(slides: list[Path], out: str | os.PathLike, encoder, settings
     ``{"extracted", "skipped", "failed", "tiles"}`` (tiles: written in this run). The rows of ``slides``
     and their errors go to ``tables`` (default :func:`table_paths` of ``out``), rewritten after each slide."""
     from tqdm import tqdm
-
-    from .extract_slide import encode_tiles, plan_slide, write_h5, write_tissue
 
     check_unique_ids(slides)
     out = Path(out)
@@ -166,28 +193,40 @@ def extract_cohort(slides: list[Path], out: str | os.PathLike, encoder, settings
                 counts["skipped"] += 1
                 continue
             try:
-                plan = plan_slide(slide, settings.magnification, settings.tile_size, settings.min_tissue, mpp_table)
-                write_tissue(plan, out / "tissue" / f"{plan.slide_id}.geojson",
-                             out / "thumbnails" / f"{plan.slide_id}.png")
-                if len(plan.coords) == 0:
-                    raise WsiError(f"{slide}: no tile is at least {settings.min_tissue:.0%} tissue (see "
-                                   f"thumbnails/{plan.slide_id}.png); nothing to encode")
-                features = encode_tiles(plan, encoder, settings.batch_size, settings.workers, device, precision)
+                n = extract_slide(slide, target, key, encoder, settings, mpp_table, device, precision,
+                                  tissue=(out / "tissue" / f"{slide.stem}.geojson",
+                                          out / "thumbnails" / f"{slide.stem}.png"))
             except WsiLlavaError as e:
                 errors.append({"slide": str(slide), "slide_id": slide.stem, "error": str(e)})
                 counts["failed"] += 1
                 _write_table(tables, rows, errors)
                 continue
-            write_h5(plan, features, target, {"extraction": key, "source_slide": str(slide.resolve()),
-                                              "mpp": plan.mpp, "tile_encoder": settings.encoder_id,
-                                              "tissue_threshold": settings.min_tissue})
             rows.append(finished_row(target, None, out))
             counts["extracted"] += 1
-            counts["tiles"] += len(features)
+            counts["tiles"] += n
             bar.set_postfix(tiles=counts["tiles"], failed=counts["failed"])
             _write_table(tables, rows, errors)
     _write_table(tables, rows, errors)
     return counts
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--magnification``, ``--tile-size``, ``--min-tissue``, ``--mpp-csv``: how a raw slide is tiled
+    (``extract``, and ``chat``/``predict``/``serve`` on raw slides); checked by :func:`check_tiling`."""
+    parser.add_argument("--magnification", type=float, default=20.0, help="magnification tiles are taken at (20)")
+    parser.add_argument("--tile-size", type=int, default=256, help="tile side in pixels at --magnification (256)")
+    parser.add_argument("--min-tissue", type=float, default=MIN_TISSUE_FRACTION,
+                        help=f"keep a tile when at least this share of it is tissue ({MIN_TISSUE_FRACTION})")
+    parser.add_argument("--mpp-csv", help="CSV with columns slide,mpp: pixel size (µm) of slides that lack it "
+                                          "(or to override it); slide = file name or stem")
+
+
+def check_tiling(magnification: float, tile_size: int, min_tissue: float) -> None:
+    """The :func:`add_tiling_arguments` values are usable, else a :class:`WsiLlavaError` naming the flag."""
+    if magnification <= 0 or tile_size < 1:
+        raise WsiLlavaError(f"--magnification {magnification:g} / --tile-size {tile_size}: both must be positive")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise WsiLlavaError(f"--min-tissue {min_tissue}: expected a share between 0 and 1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,12 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="tile encoder weights (.safetensors / .bin), local only")
     parser.add_argument("--encoder", help="gigapath | uni | vit | timm:<arch> (default: the name in --weights' "
                                           "safetensors metadata)")
-    parser.add_argument("--magnification", type=float, default=20.0, help="magnification tiles are taken at (20)")
-    parser.add_argument("--tile-size", type=int, default=256, help="tile side in pixels at --magnification (256)")
-    parser.add_argument("--min-tissue", type=float, default=MIN_TISSUE_FRACTION,
-                        help=f"keep a tile when at least this share of it is tissue ({MIN_TISSUE_FRACTION})")
-    parser.add_argument("--mpp-csv", help="CSV with columns slide,mpp: pixel size (µm) of slides that lack it "
-                                          "(or to override it); slide = file name or stem")
+    add_tiling_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per encoder forward (64)")
     parser.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                         help="tile-reading worker processes (default: cores - 1, at most 4; 0 = read in this process)")
@@ -213,10 +247,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..model.tile_encoder import load_tile_encoder
 
-    if args.magnification <= 0 or args.tile_size < 1 or args.batch_size < 1 or args.workers < 0:
-        raise WsiLlavaError("--magnification, --tile-size and --batch-size must be positive and --workers >= 0")
-    if not 0.0 <= args.min_tissue <= 1.0:
-        raise WsiLlavaError(f"--min-tissue {args.min_tissue}: expected a share between 0 and 1")
+    check_tiling(args.magnification, args.tile_size, args.min_tissue)
+    if args.batch_size < 1 or args.workers < 0:
+        raise WsiLlavaError("--batch-size must be positive and --workers >= 0")
     if not Path(args.weights).is_file():
         raise MissingFileError(f"--weights {args.weights}: file not found; check the path")
     slides = find_slides(args.slides)
@@ -225,7 +258,7 @@ def main(args: argparse.Namespace) -> int:
     check_unique_ids(slides)  # over the whole cohort: two ranks must never write the same files
     mpp_table = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
     encoder = load_tile_encoder(args.weights, args.encoder)
-    settings = ExtractSettings(f"{encoder.name}:{sha256_file(args.weights)}", args.magnification, args.tile_size,
+    settings = ExtractSettings(encoder_id(encoder, args.weights), args.magnification, args.tile_size,
                                args.min_tissue, args.batch_size, args.workers)
     with shard.sharded() as sh:
         device = shard.device_for(args.device, sh)

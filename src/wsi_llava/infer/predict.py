@@ -13,6 +13,9 @@ Line format: ``key, slide_id, question, reference, prediction, choices, kind, ca
 Rows with an ``image_path`` (ROI image) and no ``h5_path`` are encoded on the fly with ``--tile-weights``
 (and ``--tile-encoder``; each image once per run, :class:`~wsi_llava.infer.roi.RoiSlides`); without
 it each such row is an error saying to run ``wsi-llava encode-roi`` or pass ``--tile-weights``.
+Rows whose ``h5_path`` is a raw slide (``.svs``, ``.tif``, ``.ndpi``, ``.mrxs`` …, by suffix) are
+extracted with ``--tile-weights`` once and cached (:mod:`.slide_features`); without it each such row is
+an error saying to pass ``--tile-weights`` or run ``wsi-llava extract``.
 
 With ``--slide-root DIR`` each row's slide file is looked up under DIR by its ``slide_id`` (relative path,
 file stem or TCGA barcode; :class:`~wsi_llava.data.resolve.SlideResolver`, built once per run) instead of
@@ -43,6 +46,7 @@ from ..data.prompts import record_turn
 from ..data.resolve import AmbiguousSlideError, SlideNotFoundError, SlideResolver
 from ..data.slides import SlideError
 from ..data.subset import add_subset_arguments, select
+from ..data.wsi_reader import WsiError, is_raw_slide
 from ..errors import WsiLlavaError
 from ..fileio import atomic_write_text
 from ..precision import add_precision_arguments
@@ -50,6 +54,7 @@ from . import shard
 from .engine import SlideAssistant, zeros_like_slide
 from .generation import GenerationSettings
 from .roi import RoiSlides, add_tile_encoder_arguments
+from .slide_features import add_raw_slide_arguments, feature_cache_from_args
 
 ABLATIONS = ("none", "zero", "shuffle")
 
@@ -137,7 +142,7 @@ def shuffle_partner(slide_ids: list[str], seed: int = 0) -> dict[str, str]:
 def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_size: int = 8,
             settings: GenerationSettings | None = None, ablate: str = "none", explain: bool = False,
             progress: bool = True, batches: list[int] | None = None, also_done: Sequence[Path] = (),
-            rois=None, resolver: SlideResolver | None = None) -> dict:
+            rois=None, resolver: SlideResolver | None = None, raw=None) -> dict:
     """Answer every record not yet in ``out``; returns counts ``{"done", "skipped", "errors"}``.
 
     Batches are fixed: batch b holds rows ``b*batch_size …`` of ``records``, whatever is already done
@@ -147,7 +152,9 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     ``rois``: image path → :class:`Slide` (a :class:`~wsi_llava.infer.roi.RoiSlides`) for rows with an
     ``image_path`` and no ``h5_path``; None: such rows are errors.
     ``resolver``: each row's slide file is found by its ``slide_id`` with this resolver (``--slide-root``)
-    instead of its ``h5_path``; a name that fits no file, or several, makes the row an error line."""
+    instead of its ``h5_path``; a name that fits no file, or several, makes the row an error line.
+    ``raw``: a :class:`~wsi_llava.infer.slide_features.FeatureCache` for rows whose ``h5_path`` is a raw
+    slide; None: such rows are errors."""
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}")
     out = Path(out)
@@ -171,6 +178,12 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
     def load_row(rec: Record, sid: str):
         if resolver is not None:
             return assistant.load(str(resolver.resolve(rec.slide_id)), slide_id=sid)
+        if rec.h5_path and is_raw_slide(rec.h5_path):
+            if raw is None:
+                raise ValueError(f"{rec.where} [h5_path]: {rec.h5_path} is a raw slide; pass --tile-weights to "
+                                 f"extract its tile features now (cached), or run `wsi-llava extract` and point "
+                                 f"h5_path at its H5 file")
+            return assistant.load(raw.entry(rec.h5_path), slide_id=sid)
         if rec.h5_path:
             return assistant.load(rec.h5_path, slide_id=sid)
         if rois is None:
@@ -195,7 +208,7 @@ def predict(assistant: SlideAssistant, records: list[Record], out: Path, batch_s
                     if ablate == "zero":
                         slide = zeros_like_slide(slide)
                     user, _, qtext = record_turn(r)
-                except (SlideError, OSError, ValueError) as e:
+                except (SlideError, WsiError, OSError, ValueError) as e:
                     counts["errors"] += 1
                     entry = {"key": key, "source": r.source, "row": r.row, "error": str(e)}
                     if errors.get(key) != entry:  # a rerun that fails the same way adds nothing
@@ -245,7 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                               "outputs by slide_id instead of running the tower")
     parser.add_argument("--slide-root", help="folder of slide H5 files: each row's slide is found there by its "
                                              "slide_id (relative path, file stem or TCGA barcode) instead of h5_path")
-    add_tile_encoder_arguments(parser, "rows with an image_path and no h5_path are encoded on the fly")
+    add_tile_encoder_arguments(parser, "rows with an image_path and no h5_path, or whose h5_path is a raw slide, "
+                                       "are encoded on the fly")
+    add_raw_slide_arguments(parser)
 
 
 def merge_parts(out: Path, records: list[Record]) -> int:
@@ -288,19 +303,30 @@ def main(args: argparse.Namespace) -> int:
                          getattr(args, "limit", None))
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         out = Path(args.out)
-        rois = None
+        rois = raw = None
         image_only = any(r.image_path and not r.h5_path for r in records)
+        raw_rows = any(r.h5_path and is_raw_slide(r.h5_path) for r in records)
         if image_only and (sh is not None or (args.tile_weights and getattr(args, "tower_cache", None))):
             raise WsiLlavaError("rows with only an ROI image (image_path, no h5_path) are encoded in the run: not "
                                 "with --tower-cache or a sharded launch; run `wsi-llava encode-roi` first and "
                                 "predict on its manifest")
+        if raw_rows and sh is not None:
+            raise WsiLlavaError("rows whose h5_path is a raw slide are extracted in the run: not in a sharded "
+                                "launch; run `wsi-llava extract` first (or predict once without torchrun, which "
+                                "fills the feature cache) and point h5_path at the H5 files")
+        cfg = assistant.model.config
         if image_only and args.tile_weights:
-            rois = RoiSlides.for_model(assistant.model.config, args.tile_weights, args.tile_encoder,
-                                       assistant.patches_per_wsi)
+            rois = RoiSlides.for_model(cfg, args.tile_weights, args.tile_encoder, assistant.patches_per_wsi)
+        if raw_rows and args.tile_weights:
+            from ..model.tile_encoder import load_tile_encoder
+
+            encoder = rois.encoder if rois is not None else load_tile_encoder(args.tile_weights, args.tile_encoder)
+            raw = feature_cache_from_args(args, encoder, cfg.feature_dim, str(assistant.model.device),
+                                          assistant.precision)
         resolver = SlideResolver(args.slide_root) if getattr(args, "slide_root", None) else None
         if sh is None:
             counts = predict(assistant, records, out, args.batch_size, settings, args.ablate, args.explain,
-                             rois=rois, resolver=resolver)
+                             rois=rois, resolver=resolver, raw=raw)
             print(_summary(counts, args.out))
             return 1 if counts["errors"] else 0
         # sharded: whole batches per rank, balanced by tiles; each rank appends to its own part file

@@ -121,6 +121,19 @@ def add_tile_encoder_arguments(parser: argparse.ArgumentParser, when: str) -> No
                                                "--tile-weights' metadata); with --tile-weights")
 
 
+class TileWidthError(RoiError):
+    """The tile encoder's feature width is not the width of the tile features the model takes."""
+
+
+def check_width(encoder, expected_dim: int, weights: str | os.PathLike) -> None:
+    """A :class:`TileWidthError` naming both widths when ``encoder`` does not give ``expected_dim``-d
+    features (every command that encodes tiles for a model: ROI images, raw slides)."""
+    if encoder.embed_dim != expected_dim:
+        raise TileWidthError(f"--tile-weights {weights}: the tile encoder gives {encoder.embed_dim}-d features, "
+                             f"the model takes {expected_dim}-d tile features; use the tile encoder the model was "
+                             "trained on")
+
+
 class RoiSlides:
     """ROI images as slides for one run (``predict --tile-weights``, ``chat``/``heatmap --image``): the
     tile encoder is loaded once, frozen, and each image is encoded once (later rows reuse its slide)."""
@@ -129,7 +142,7 @@ class RoiSlides:
     def for_model(cls, model_config, weights: str | os.PathLike, name: str | None = None,
                   patches_per_wsi: int | None = None) -> "RoiSlides":
         """For a model whose config is ``model_config``: the encoder must give the model's tile-feature
-        width (the tower's ``in_dim``, else ``mm_hidden_size``), else :class:`RoiError`."""
+        width (the tower's ``in_dim``, else ``mm_hidden_size``), else :class:`TileWidthError`."""
         want = model_config.feature_dim
         return cls(weights, name, patches_per_wsi, want)
 
@@ -137,9 +150,8 @@ class RoiSlides:
                  expected_dim: int | None = None, batch_size: int = 32):
         self.encoder = load_tile_encoder(weights, name).eval()
         self.encoder.requires_grad_(False)
-        if expected_dim is not None and self.encoder.embed_dim != expected_dim:
-            raise RoiError(f"--tile-weights {weights}: the tile encoder gives {self.encoder.embed_dim}-d features, "
-                           f"the model takes {expected_dim}-d tile features")
+        if expected_dim is not None:
+            check_width(self.encoder, expected_dim, weights)
         self.patches_per_wsi = patches_per_wsi
         self.batch_size = batch_size
         self._slides: dict[str, Slide] = {}

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import WsiLlavaError
+from ..infer.slide_features import add_raw_slide_arguments
 from ..precision import add_precision_arguments
 from .config import API_KEY_ENV, ServeConfig
 from .security import is_loopback
@@ -30,7 +31,8 @@ FIELD_FLAGS = (
     ("--slide-timeout", "slide_timeout", float, "seconds one slide file read may take (default: %(default)s)"),
     ("--slide-readers", "slide_readers", int, "slide reads at a time (default: %(default)s)"),
     ("--tile-weights", "tile_weights", str, "tile encoder weights (.safetensors / .bin), local only: accept ROI "
-                                            "images (image_url content parts), tiled and encoded when asked"),
+                                            "images (image_url content parts), tiled and encoded when asked, and "
+                                            "raw slides (.svs .tif .ndpi …), extracted on first use and cached"),
     ("--tile-encoder", "tile_encoder", str, "gigapath | uni | vit | timm:<arch> (default: the name in "
                                             "--tile-weights' metadata)"),
     ("--max-image-pixels", "max_image_pixels", int, "largest ROI image, width x height (default: %(default)s)"),
@@ -41,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained WSI-LLaVA folder")
     add_precision_arguments(parser, device=True)
     parser.add_argument("--slides-root", required=True,
-                        help="folder of slide .h5 files clients may reference (nothing outside it is read)")
+                        help="folder of slide .h5 files (and raw slides, with --tile-weights) clients may reference "
+                             "(nothing outside it is read)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set); "
                              "prefer the environment variable, command lines are visible to other users")
@@ -56,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slide-reader", choices=["process", "thread"], default=ServeConfig.slide_reader,
                         help="read slides in worker processes (killed at the timeout) or threads (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_raw_slide_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -64,7 +68,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model=args.model, slides_root=args.slides_root, **{name: getattr(args, name) for _, name, _, _ in FIELD_FLAGS},
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, slide_cache_bytes=args.slide_cache_mb * 2**20,
         device=args.device, precision=args.precision, force_precision=args.force_precision,
-        slide_reader=args.slide_reader,
+        slide_reader=args.slide_reader, feature_cache=args.feature_cache, magnification=args.magnification,
+        tile_size=args.tile_size, min_tissue=args.min_tissue, mpp_csv=args.mpp_csv,
         allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts is not None else None)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.tissue import MIN_TISSUE_FRACTION
+
 #: environment variable read for the bearer token when ``--api-key`` is not given
 API_KEY_ENV = "WSI_LLAVA_API_KEY"
 
@@ -15,7 +17,8 @@ class ServeConfig:
     model: str
     """Folder of a trained WSI-LLaVA model (``save_pretrained`` output with its tokenizer)."""
     slides_root: str
-    """Folder whose ``.h5``/``.hdf5`` files (recursively) may be referenced by clients; nothing outside it is read."""
+    """Folder whose slide files (recursively: ``.h5``/``.hdf5``, and raw slides ``.svs``, ``.tif``, ``.ndpi`` …,
+    used with ``tile_weights``) may be referenced by clients; nothing outside it is read."""
     host: str = "127.0.0.1"
     """Address to bind. Loopback by default; anything else exposes the server to the network."""
     port: int = 8000
@@ -72,8 +75,9 @@ class ServeConfig:
 
     tile_weights: str | None = None
     """Tile encoder weights (``.safetensors``/``.bin``, local): enables ``image_url`` content parts (ROI
-    images, tiled and encoded when asked, see :mod:`~wsi_llava.serve.images`). None: image parts are
-    answered 400 ``images_not_enabled``."""
+    images, tiled and encoded when asked, see :mod:`~wsi_llava.serve.images`) and raw slides (tile
+    features extracted on first use and cached, :mod:`~wsi_llava.infer.slide_features`). None: image
+    parts are answered 400 ``images_not_enabled``, raw slides 400 ``raw_slides_not_enabled``."""
     tile_encoder: str | None = None
     """``gigapath``, ``uni``, ``vit`` or ``timm:<arch>`` (None: the name in the weights' metadata)."""
     max_image_pixels: int = 8192 * 8192
@@ -84,6 +88,17 @@ class ServeConfig:
     """Most encoded ROI images (tile features + coordinates, keyed by the image's SHA-256) kept."""
     image_cache_bytes: int = 256 * 2**20
     """Memory bound of the image cache (bytes of features + coordinates)."""
+    feature_cache: str | None = None
+    """Folder of the cached tile features of raw slides (None: ``~/.cache/wsi-llava/features``,
+    :func:`~wsi_llava.infer.slide_features.default_cache_dir`)."""
+    magnification: float = 20.0
+    """Magnification raw slides are tiled at."""
+    tile_size: int = 256
+    """Tile side of raw slides in pixels at ``magnification``."""
+    min_tissue: float = MIN_TISSUE_FRACTION
+    """A raw slide's tile is kept when at least this share of it is tissue."""
+    mpp_csv: str | None = None
+    """CSV ``slide,mpp``: the pixel size of raw slides that do not record it (or a correction)."""
 
     def __post_init__(self):
         for name in ("max_batch", "queue_size", "max_body_bytes", "max_tokens_limit", "default_max_tokens",

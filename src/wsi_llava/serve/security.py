@@ -1,12 +1,14 @@
 """Safety rules of the server: slides resolve only inside the slides root, bearer-token checks,
 loopback detection. Pure functions; errors are :class:`~wsi_llava.serve.errors.ApiError`.
 
-Slide references are what clients send: a slide id (a path relative to the root without its
-``.h5``/``.hdf5`` suffix, ``/``-separated) or the relative path with the suffix. Refused: absolute
-paths, ``..``/``.``/empty components, backslashes, NUL and other control characters, and anything
-whose real path (symlinks resolved) is not a regular ``.h5``/``.hdf5`` file inside the root's real
-path. A reference outside the root and a missing one get the same answer, so the server never tells
-what exists outside the root.
+Slide references are what clients send: a slide id (a path relative to the root, ``/``-separated,
+without the ``.h5``/``.hdf5`` suffix of an H5 file; a raw slide's id keeps its suffix, e.g.
+``cases/a.svs``) or the relative path with the suffix. A reference without a suffix is tried with
+``.h5``, ``.hdf5``, then each raw-slide suffix (:data:`RAW_SLIDE_SUFFIXES`). Refused: absolute paths,
+``..``/``.``/empty components, backslashes, NUL and other control characters, and anything whose real
+path (symlinks resolved) is not a regular slide file (H5 or raw) inside the root's real path. A
+reference outside the root and a missing one get the same answer, so the server never tells what
+exists outside the root.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
+from ..data.wsi_reader import SLIDE_SUFFIXES as RAW_SLIDE_SUFFIXES
+from ..data.wsi_reader import is_raw_slide
 from .errors import ApiError
 
-#: file suffixes served as slides, tried in this order for a reference without one
+#: suffixes of slide H5 files (dropped from their ids), tried first for a reference without a suffix
 SLIDE_SUFFIXES = (".h5", ".hdf5")
+#: every suffix served as a slide: H5 files, then raw slides (their features extracted on first use)
+SERVED_SUFFIXES = SLIDE_SUFFIXES + RAW_SLIDE_SUFFIXES
 #: longest slide reference accepted (characters)
 MAX_REF_CHARS = 1024
 
@@ -32,6 +38,11 @@ class SlideRef:
     """Canonical id: the path relative to the root, ``/``-separated, without the suffix."""
     path: str
     """Real (symlink-free) absolute path of the file; inside the root's real path."""
+
+    @property
+    def raw(self) -> bool:
+        """Whether the file is a raw slide (tile features to extract), not a slide H5 file."""
+        return is_raw_slide(self.path)
 
 
 def _invalid(ref: str, why: str, what: str = "slide", param: str = "slide") -> ApiError:
@@ -90,7 +101,7 @@ def resolve_slide(root: str, ref: object) -> SlideRef:
     return resolve_file(root, ref)
 
 
-def resolve_file(root: str, ref: object, suffixes: tuple[str, ...] = SLIDE_SUFFIXES, what: str = "slide",
+def resolve_file(root: str, ref: object, suffixes: tuple[str, ...] = SERVED_SUFFIXES, what: str = "slide",
                  param: str = "slide") -> SlideRef:
     """:func:`resolve_slide` for files with other ``suffixes`` (ROI images: ``what="image"``, the
     suffix must be given); errors say ``what`` and name ``param``."""
@@ -119,7 +130,7 @@ def list_slides(root: str, limit: int = 10_000) -> tuple[list[SlideRef], bool]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.startswith(".") or not name.lower().endswith(SLIDE_SUFFIXES):
+            if name.startswith(".") or not name.lower().endswith(SERVED_SUFFIXES):
                 continue
             rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
             try:

@@ -1,5 +1,6 @@
 """What a running server holds (:class:`SlideServer`): the model, the slide/image/visual caches, the
-slide reader, the optional tile encoder for ROI images, the request queue and its worker thread."""
+slide reader, the optional tile encoder for ROI images and raw slides (with the on-disk cache of raw
+slides' tile features), the request queue and its worker thread."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch
 
 from ..data.prompts import PromptBuilder
 from ..data.slides import Slide, SlideError, load_slide
+from ..errors import WsiLlavaError
 from ..infer.engine import SlideAssistant
+from ..infer.slide_features import feature_cache
 from .batching import BatchQueue, BatchWorker, Job
 from .caches import LRUCache
 from .config import ServeConfig
@@ -82,6 +85,12 @@ class SlideServer:
             config.tile_weights, config.tile_encoder, self.assistant.patches_per_wsi, _tile_dim(self.assistant),
             self.assistant.model.device, config.max_image_pixels,
             LRUCache(config.image_cache_items, config.image_cache_bytes, _slide_bytes))
+        #: raw slides' tile features, extracted with the same tile encoder on first use and cached on disk
+        #: (None without ``tile_weights``); reading workers 0: DataLoader processes are not forked from a server
+        self.features = None if self.images is None else feature_cache(
+            config.tile_weights, self.images.encoder, _tile_dim(self.assistant), config.feature_cache,
+            config.magnification, config.tile_size, config.min_tissue, config.mpp_csv,
+            device=str(self.assistant.model.device), workers=0, report=log.info)
         self._loading: dict[Hashable, asyncio.Future] = {}
         self._timed_out: dict[tuple, float] = {}
         self.abandoned = 0
@@ -108,7 +117,10 @@ class SlideServer:
 
     # -- slides ----------------------------------------------------------------------------------
     def _public(self, message: str, ref: SlideRef) -> str:
-        return message.replace(ref.path, ref.id).replace(self.root, "<slides-root>")
+        message = message.replace(ref.path, ref.id)
+        if self.features is not None:
+            message = message.replace(str(self.features.dir), "<feature-cache>")
+        return message.replace(self.root, "<slides-root>")
 
     async def open_slide(self, ref_text: str) -> tuple[SlideRef, Slide, tuple]:
         """A client's slide reference → (checked reference, tiles, cache key); see :meth:`load_slide`."""
@@ -119,7 +131,12 @@ class SlideServer:
     async def load_slide(self, ref: SlideRef) -> tuple[Slide, tuple]:
         """The slide's sampled tiles (cached per file version) and its cache key. The file is read by
         :attr:`reader` (off the event loop, bounded by ``slide_timeout``); concurrent requests for the
-        same file share one read; a file whose read timed out is refused for ``slide_timeout`` seconds."""
+        same file share one read; a file whose read timed out is refused for ``slide_timeout`` seconds.
+        A raw slide's tile features are first extracted (:meth:`_read_raw`)."""
+        if ref.raw and self.features is None:
+            raise ApiError(400, f"slide {ref.id!r} is a raw slide and this server has no tile encoder to extract "
+                           "its tile features: start it with --tile-weights (or run `wsi-llava extract` and serve "
+                           "the H5 file)", code="raw_slides_not_enabled", param="slide")
         try:
             st = await asyncio.to_thread(os.stat, ref.path)
         except OSError:
@@ -131,7 +148,15 @@ class SlideServer:
         until = self._timed_out.get(key)
         if until is not None and time.monotonic() < until:
             raise self._timeout_error(ref, again=True)
-        return await self._once(key, lambda: self._read(ref, key)), key
+        if not ref.raw:
+            return await self._once(key, lambda: self._read(ref, key)), key
+        t = self.config.request_timeout
+        try:
+            return await asyncio.wait_for(self._once(key, lambda: self._read_raw(ref, key)), t), key
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"slide {ref.id!r} is a raw slide whose tile features are being extracted (its first "
+                           f"use), which took longer than {t:g} s; the extraction goes on: retry later",
+                           code="slide_extracting", param="slide") from None
 
     def _timeout_error(self, ref: SlideRef, again: bool = False) -> ApiError:
         t = self.config.slide_timeout
@@ -139,9 +164,19 @@ class SlideServer:
                         (f" recently; it is not tried again for {t:g} s" if again else "; the read was abandoned"),
                         code="slide_timeout", param="slide")
 
-    async def _read(self, ref: SlideRef, key: tuple) -> Slide:
+    async def _read_raw(self, ref: SlideRef, key: tuple) -> Slide:
+        """A raw slide: its cache entry (extracted now, in a thread, if missing), read as any slide file."""
         try:
-            slide = await self.reader.read(ref.path)
+            entry = await asyncio.to_thread(self.features.entry, ref.path)
+        except WsiLlavaError as e:
+            raise ApiError(400, f"slide {ref.id!r} cannot be used: {self._public(str(e), ref)}",
+                           code="invalid_slide_file", param="slide") from None
+        return await self._read(ref, key, str(entry))
+
+    async def _read(self, ref: SlideRef, key: tuple, path: str | None = None) -> Slide:
+        """Read the slide file ``path`` (default: the reference's own) into :attr:`slides`."""
+        try:
+            slide = await self.reader.read(path or ref.path)
         except SlideError as e:
             raise ApiError(400, f"slide {ref.id!r} cannot be used: {self._public(str(e), ref)}",
                            code="invalid_slide_file", param="slide") from None
@@ -224,4 +259,6 @@ class SlideServer:
                "slide_reader": self.reader.stats()}
         if self.images is not None:
             out["image_cache"] = self.images.cache.stats()
+        if self.features is not None:
+            out["feature_cache"] = {"extractions": self.features.extractions}
         return out
