@@ -238,7 +238,10 @@ def test_routes(server):
     tile = httpx.get(server + "/v1/slides/features/c/deepzoom_files/11/1_1.jpeg", headers=auth)
     assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
     assert _decode(tile.content).shape == (256, 256, 3)
-    assert httpx.get(server + "/v1/slides/cases/a/tiles", headers=auth).json()["n_used"] > 6  # still routed
+    tiles = httpx.get(server + "/v1/slides/cases/a/tiles", headers=auth).json()  # still routed
+    assert tiles["n_used"] > 6 and tiles["image"] == "cases/a.tif"
+    assert httpx.get(server + "/v1/slides/features/c/tiles", headers=auth).json()["image"] == "scans/b_scan.tiff"
+    assert httpx.get(server + "/v1/slides/plain/tiles", headers=auth).json()["image"] is None
     openai_error(httpx.get(server + "/v1/slides/cases/a/deepzoom_files/11/0_0.jpeg"), 401, "invalid_api_key")
     openai_error(httpx.get(server + "/v1/slides/cases/a/deepzoom_files/12/0_0.jpeg", headers=auth), 404,
                  "tile_not_found")

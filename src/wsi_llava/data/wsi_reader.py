@@ -124,7 +124,24 @@ def _open(path: Path):
         raise WsiError(f"{path}: cannot open the slide ({type(e).__name__}: {e})") from e
 
 
-class WsiReader:
+class _OpenSlideHandle:
+    """Owns ``self._slide`` (an ``openslide.OpenSlide``): ``close()`` and ``with``."""
+
+    _slide = None
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WsiReader(_OpenSlideHandle):
     """One open slide. ``width``/``height``: level-0 size; ``mpp``: µm per level-0 pixel;
     ``magnification``: level-0 objective; ``downsamples``: per pyramid level."""
 
@@ -200,18 +217,6 @@ class WsiReader:
             out[r0:r1] = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.BOX))
         return out
 
-    def close(self) -> None:
-        slide = getattr(self, "_slide", None)
-        if slide is not None:
-            slide.close()
-            self._slide = None
-
-    def __enter__(self) -> WsiReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def open_wsi(path: str | os.PathLike, mpp_table: dict[str, float] | None = None) -> WsiReader:
     """Open ``path``; its pixel size from ``mpp_table`` (:func:`read_mpp_csv`, by file name or stem) if listed."""
@@ -225,7 +230,7 @@ class TileAddressError(WsiError):
     """A Deep Zoom level or tile (column, row) that the slide's pyramid does not have."""
 
 
-class DeepZoom:
+class DeepZoom(_OpenSlideHandle):
     """One slide as a Deep Zoom (DZI) pyramid: ``levels`` levels, level ``levels - 1`` the full level-0
     size, each level half the next (rounded up); square tiles of ``tile_size`` px plus ``overlap`` px on
     each side that has a neighbour. Transparent pixels become the slide's background colour (white when
@@ -250,7 +255,8 @@ class DeepZoom:
     def tile(self, level: int, col: int, row: int) -> np.ndarray:
         """Tile (``col``, ``row``) of ``level`` as RGB uint8 [h, w, 3] (edge tiles are smaller);
         :class:`TileAddressError` when the pyramid has no such tile."""
-        if not (0 <= level < self.levels and 0 <= col < self.tile_grid[level][0] and 0 <= row < self.tile_grid[level][1]):
+        cols, rows = self.tile_grid[level] if 0 <= level < self.levels else (0, 0)
+        if not (0 <= col < cols and 0 <= row < rows):
             raise TileAddressError(f"{self.path}: no Deep Zoom tile ({col}, {row}) at level {level} "
                                    f"(levels 0-{self.levels - 1})")
         try:
@@ -266,18 +272,6 @@ class DeepZoom:
         buf = io.BytesIO()
         Image.fromarray(self.tile(level, col, row)).save(buf, format="JPEG", quality=quality)
         return buf.getvalue()
-
-    def close(self) -> None:
-        slide = getattr(self, "_slide", None)
-        if slide is not None:
-            slide.close()
-            self._slide = None
-
-    def __enter__(self) -> DeepZoom:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def find_slides(inputs: list[str | os.PathLike]) -> list[Path]:

@@ -212,6 +212,14 @@ class SlideImages:
         return ApiError(504, f"reading the slide image took longer than {self.timeout:g} s", code="slide_timeout",
                         param="slide")
 
+    async def image_of(self, ref: str) -> str | None:
+        """The id of slide id ``ref``'s raw image (its path under the root), or None when it has none
+        (or the lookup failed: the viewer then draws the tile grid)."""
+        try:
+            return (await self.run(self.find, ref)).image.id
+        except ApiError:
+            return None
+
     async def dzi(self, ref: str) -> str:
         return await self.run(self.dzi_sync, ref)
 
