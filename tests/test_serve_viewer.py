@@ -116,6 +116,32 @@ def test_find_the_raw_slide_of_each_kind_of_id(images, vroot):
     assert images.find("features/b").id == "features/b"
 
 
+def test_extract_output_finds_its_raw_slide(vroot, tmp_path):
+    """``wsi-llava extract``'s H5 (its ``source_slide`` attribute) leads to the raw slide it came from."""
+    import torch
+
+    from wsi_llava.infer.extract import ExtractSettings, extract_cohort
+    from wsi_llava.model.tile_encoder import build_tile_encoder
+
+    root = tmp_path / "data"
+    (root / "scans").mkdir(parents=True)
+    raw = shutil.copy(vroot.root / "cases" / "a.tif", root / "scans" / "s1.tif")
+    torch.manual_seed(0)
+    encoder = build_tile_encoder("vit", img_size=64, patch_size=16, embed_dim=24, depth=1, num_heads=2)
+    settings = ExtractSettings(encoder_id="vit:test", magnification=10, tile_size=64, batch_size=16, workers=0)
+    assert extract_cohort([Path(raw)], root / "extracted", encoder, settings, progress=False)["extracted"] == 1
+    svc = SlideImages(real_root(root))
+    try:
+        found = svc.find("extracted/features/s1")
+        assert found.image.id == "scans/s1.tif" and found.id == "extracted/features/s1"
+        # the same output served from a root that does not hold the raw slide: no image
+        alone = SlideImages(real_root(root / "extracted"))
+        assert _api_error(alone.find, "features/s1").code == "slide_image_not_found"
+        alone.close()
+    finally:
+        svc.close()
+
+
 @pytest.mark.parametrize("ref, status, code", [
     ("plain", 404, "slide_image_not_found"),      # an H5 without a raw slide: the viewer draws its tile grid
     ("features/d", 404, "slide_image_not_found"),  # its attribute names a slide outside the root

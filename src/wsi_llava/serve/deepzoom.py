@@ -20,6 +20,9 @@ stale; open slides are kept in a small LRU too. Every lookup, attribute read and
 a thread pool off the event loop, at most ``workers`` at a time, bounded by ``timeout`` seconds like
 the slide reads of :mod:`.slide_reader` (OpenSlide releases the GIL while it reads, so threads
 suffice; a timed-out render keeps its thread until it returns, the request is answered 504 anyway).
+The ``source_slide`` attribute is read with h5py in that pool too (once per H5 version, cached): one
+small read of a file the slide reader has already read for ``/tiles``; special files are refused
+before opening (:func:`~wsi_llava.data.slides.open_slide`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ function parseDzi(text) {
 }
 
 const MAX_LOADS = 6;           // tile requests in flight
-const MAX_CACHED = 600;        // decoded tiles kept
+const MAX_CACHED = 300;        // decoded tiles kept (≈ 80 MB of 256-px RGBA)
 const MAX_ZOOM = 4;            // canvas px per level-0 px at most
 const BACKDROP = "#e6e3ea", GRID_COLOUR = "#a58bc4";
 
