@@ -19,13 +19,18 @@ OpenSlide comes from the PyPI wheels ``openslide-python`` + ``openslide-bin`` (n
   give the size exactly. Transparent pixels (outside the scanned area) are white.
 - :meth:`WsiReader.thumbnail`: the whole slide at a downsample, read from the best level in strips of
   bounded memory (a slide without a pyramid is read strip by strip, never whole).
+- :class:`DeepZoom`: the slide as a Deep Zoom (DZI) pyramid for viewers
+  (OpenSlide's ``DeepZoomGenerator``), aligned to level 0 (no bounds cropping: DZI pixel (x, y) of the
+  full-size level is level-0 pixel (x, y)); needs no pixel size.
 
 A reader holds an OpenSlide handle: open one per process (tile-reading workers open their own).
+OpenSlide handles are thread-safe, so one :class:`DeepZoom` may serve tiles to several threads.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -108,19 +113,41 @@ def _prop_float(props, key: str) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-class WsiReader:
+def _open(path: Path):
+    """``openslide.OpenSlide`` of ``path``; :class:`MissingFileError` / :class:`WsiError` naming the file."""
+    openslide = _openslide()
+    if not path.exists():
+        raise MissingFileError(f"slide not found: {path}; check the path")
+    try:
+        return openslide.OpenSlide(str(path))
+    except (openslide.OpenSlideError, OSError, ValueError) as e:
+        raise WsiError(f"{path}: cannot open the slide ({type(e).__name__}: {e})") from e
+
+
+class _OpenSlideHandle:
+    """Owns ``self._slide`` (an ``openslide.OpenSlide``): ``close()`` and ``with``."""
+
+    _slide = None
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WsiReader(_OpenSlideHandle):
     """One open slide. ``width``/``height``: level-0 size; ``mpp``: µm per level-0 pixel;
     ``magnification``: level-0 objective; ``downsamples``: per pyramid level."""
 
     def __init__(self, path: str | os.PathLike, mpp: float | None = None):
-        openslide = _openslide()
         self.path = Path(path)
-        if not self.path.exists():
-            raise MissingFileError(f"slide not found: {self.path}; check the path")
-        try:
-            self._slide = openslide.OpenSlide(str(self.path))
-        except (openslide.OpenSlideError, OSError, ValueError) as e:
-            raise WsiError(f"{self.path}: cannot open the slide ({type(e).__name__}: {e})") from e
+        self._slide = _open(self.path)
         self.width, self.height = (int(v) for v in self._slide.dimensions)
         self.downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         props = self._slide.properties
@@ -190,18 +217,6 @@ class WsiReader:
             out[r0:r1] = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.BOX))
         return out
 
-    def close(self) -> None:
-        slide = getattr(self, "_slide", None)
-        if slide is not None:
-            slide.close()
-            self._slide = None
-
-    def __enter__(self) -> WsiReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def open_wsi(path: str | os.PathLike, mpp_table: dict[str, float] | None = None) -> WsiReader:
     """Open ``path``; its pixel size from ``mpp_table`` (:func:`read_mpp_csv`, by file name or stem) if listed."""
@@ -214,6 +229,54 @@ def open_wsi(path: str | os.PathLike, mpp_table: dict[str, float] | None = None)
 def is_raw_slide(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a raw slide by its suffix (:data:`SLIDE_SUFFIXES`), e.g. rather than a slide H5 file."""
     return os.fspath(path).lower().endswith(SLIDE_SUFFIXES)
+
+
+class TileAddressError(WsiError):
+    """A Deep Zoom level or tile (column, row) that the slide's pyramid does not have."""
+
+
+class DeepZoom(_OpenSlideHandle):
+    """One slide as a Deep Zoom (DZI) pyramid: ``levels`` levels, level ``levels - 1`` the full level-0
+    size, each level half the next (rounded up); square tiles of ``tile_size`` px plus ``overlap`` px on
+    each side that has a neighbour. Transparent pixels become the slide's background colour (white when
+    it records none)."""
+
+    def __init__(self, path: str | os.PathLike, tile_size: int = 254, overlap: int = 1):
+        from openslide.deepzoom import DeepZoomGenerator
+
+        self.path = Path(path)
+        self._slide = _open(self.path)
+        self.width, self.height = (int(v) for v in self._slide.dimensions)
+        self.tile_size, self.overlap = int(tile_size), int(overlap)
+        self._dz = DeepZoomGenerator(self._slide, self.tile_size, self.overlap, limit_bounds=False)
+        self.levels = int(self._dz.level_count)
+        self.tile_grid = tuple((int(c), int(r)) for c, r in self._dz.level_tiles)
+        """(columns, rows) of each level."""
+
+    def dzi(self, fmt: str = "jpeg") -> str:
+        """The DZI descriptor (XML) for tiles in ``fmt`` (``jpeg`` or ``png``)."""
+        return self._dz.get_dzi(fmt)
+
+    def tile(self, level: int, col: int, row: int) -> np.ndarray:
+        """Tile (``col``, ``row``) of ``level`` as RGB uint8 [h, w, 3] (edge tiles are smaller);
+        :class:`TileAddressError` when the pyramid has no such tile."""
+        cols, rows = self.tile_grid[level] if 0 <= level < self.levels else (0, 0)
+        if not (0 <= col < cols and 0 <= row < rows):
+            raise TileAddressError(f"{self.path}: no Deep Zoom tile ({col}, {row}) at level {level} "
+                                   f"(levels 0-{self.levels - 1})")
+        try:
+            return np.asarray(self._dz.get_tile(level, (col, row)))
+        except Exception as e:  # noqa: BLE001 - OpenSlideError, OSError, PIL errors of a damaged slide
+            raise WsiError(f"{self.path}: cannot read Deep Zoom tile ({col}, {row}) of level {level} "
+                           f"({type(e).__name__}: {e})") from e
+
+    def tile_jpeg(self, level: int, col: int, row: int, quality: int = 75) -> bytes:
+        """:meth:`tile` encoded as a JPEG."""
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(self.tile(level, col, row)).save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
 
 
 def find_slides(inputs: list[str | os.PathLike]) -> list[Path]:

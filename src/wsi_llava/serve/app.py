@@ -8,7 +8,10 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <key>`` when a key is co
   (:mod:`~wsi_llava.serve.completions`);
 * ``GET /v1/models``, ``GET /v1/models/{id}``;
 * ``GET /v1/slides`` (what is under the slides root), ``GET /v1/slides/{id}`` (tile count, width),
-  ``GET /v1/slides/{id}/tiles`` (coordinates of the tiles the model sees, for thumbnails/heatmaps);
+  ``GET /v1/slides/{id}/tiles`` (coordinates of the tiles the model sees, for thumbnails/heatmaps, and
+  the id of the slide's raw image, if any);
+* ``GET /v1/slides/{id}/deepzoom.dzi`` and ``GET /v1/slides/{id}/deepzoom_files/{level}/{col}_{row}.jpeg``:
+  the slide's raw image as a Deep Zoom pyramid, for the viewer (:mod:`~wsi_llava.serve.deepzoom`);
 * ``GET /health`` (no auth), ``GET /`` and ``/static/*`` (the web viewer, no auth).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` (validation errors included: 400
@@ -33,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..infer.engine import SlideAssistant
 from .completions import chat_completion
 from .config import ServeConfig
+from .deepzoom import SlideImages
 from .errors import ApiError, internal_error
 from .guard import RequestGuard, default_allowed_hosts, error_response
 from .responses import rounded_coords, tile_size
@@ -44,7 +48,7 @@ log = logging.getLogger("wsi_llava.serve")
 
 #: the viewer's files: name -> media type
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}
+                "viewer.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -59,6 +63,7 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
     ``slide_loader``: ``path -> Slide`` instead of the model's own (picklable for ``slide_reader:
     process``)."""
     server = SlideServer(config, assistant, slide_loader)
+    images = SlideImages(server.root, timeout=config.slide_timeout)
     static = {name: (resources.files("wsi_llava") / "static" / name).read_bytes() for name in STATIC_FILES}
 
     @asynccontextmanager
@@ -69,9 +74,11 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
         finally:
             await asyncio.to_thread(server.worker.stop)
             await asyncio.to_thread(server.reader.close)
+            images.close()
 
     app = FastAPI(title="WSI-LLaVA", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.state.slide_images = images
     guarded = config.allowed_hosts is not None or not config.api_key
     app.state.allowed_hosts = (config.allowed_hosts if config.allowed_hosts is not None
                                else default_allowed_hosts(config.host)) if guarded else None
@@ -122,7 +129,8 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.model_name, "auth": bool(config.api_key), **server.stats()}
+        return {"status": "ok", "model": server.model_name, "auth": bool(config.api_key), **server.stats(),
+                "deepzoom": images.stats()}
 
     # -- models ----------------------------------------------------------------------------------
     def model_card() -> dict:
@@ -159,7 +167,17 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
     async def slide_tiles(ref: str):
         sref, slide, _ = await server.open_slide(ref)
         return {"id": sref.id, "object": "slide.tiles", "n_total": int(slide.n_total), "n_used": int(len(slide.coords)),
-                "tile_size": tile_size(slide.coords), "coords": rounded_coords(slide.coords)}
+                "tile_size": tile_size(slide.coords), "coords": rounded_coords(slide.coords),
+                "image": await images.image_of(sref.id)}
+
+    @v1.get("/slides/{ref:path}/deepzoom.dzi")
+    async def slide_dzi(ref: str):
+        return Response(await images.dzi(ref), media_type="application/xml")
+
+    @v1.get("/slides/{ref:path}/deepzoom_files/{level}/{name}")
+    async def slide_dz_tile(ref: str, level: str, name: str):
+        return Response(await images.tile(ref, level, name), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=300"})
 
     @v1.get("/slides/{ref:path}")
     async def slide_info(ref: str):

@@ -1,8 +1,9 @@
-// WSI-LLaVA viewer: pick a slide, see its tile grid, chat about it (streamed), and see a heatmap of the
-// tiles the model used for the latest answer. Talks to the same server's /v1 API; no dependencies.
+// WSI-LLaVA viewer: pick a slide, see it (its raw image in Deep Zoom when the server has one, else its tile
+// grid; viewer.js), chat about it (streamed), and see the tiles the model used for the latest answer in place
+// on the slide and as a heatmap. Talks to the same server's /v1 API; no dependencies.
 "use strict";
 
-const state = { model: null, slide: null, tiles: null, history: [], busy: false };
+const state = { model: null, slide: null, tiles: null, explain: null, history: [], busy: false };
 const $ = (id) => document.getElementById(id);
 
 // ------------------------------------------------------------------------------------------ API
@@ -54,6 +55,8 @@ function tileLayout(canvas, tiles) {
   return tiles.coords.map(([x, y]) => [offX + (x - minX) * scale, offY + (y - minY) * scale, Math.max(size * scale, 1)]);
 }
 
+const slideView = new SlideView(document.getElementById("slide-view"));
+
 function clearCanvas(canvas) {
   const ctx = canvas.getContext("2d");
   ctx.fillStyle = "#ffffff";
@@ -61,21 +64,32 @@ function clearCanvas(canvas) {
   return ctx;
 }
 
-function drawThumbnail(tiles) {
-  const canvas = $("thumbnail");
-  const ctx = clearCanvas(canvas);
-  ctx.fillStyle = "#a58bc4";
-  for (const [x, y, s] of tileLayout(canvas, tiles)) ctx.fillRect(x, y, s * 0.92, s * 0.92);
-  canvas.dataset.tiles = String(tiles.coords.length);
-}
-
-// viridis, 5 stops
-const RAMP = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
-function rampColour(t) {
-  const u = Math.min(Math.max(t, 0), 1) * (RAMP.length - 1);
-  const i = Math.min(Math.floor(u), RAMP.length - 2), f = u - i;
-  const c = RAMP[i].map((v, k) => Math.round(v + f * (RAMP[i + 1][k] - v)));
-  return `rgb(${c[0]},${c[1]},${c[2]})`;
+// The slide's raw image (Deep Zoom) when the server has one, else the grid of its tiles.
+async function showSlide(id, tiles) {
+  $("slide-view").dataset.tiles = String(tiles.coords.length);
+  const grid = (why) => {
+    slideView.showGrid(tiles.coords, tiles.tile_size || 256);
+    $("view-caption").textContent = why + ": the squares are the tiles the model reads.";
+  };
+  if (!tiles.image) { grid("No raw slide image"); return; }
+  const response = await fetch(`/v1/slides/${slidePath(id)}/deepzoom.dzi`, { headers: authHeaders(false) });
+  if (state.slide !== id) return;
+  if (!response.ok) {
+    const why = await errorMessage(response);
+    grid("The slide image cannot be shown");
+    setStatus(why, true);
+    return;
+  }
+  const dzi = parseDzi(await response.text());
+  if (state.slide !== id) return;
+  const base = `/v1/slides/${slidePath(id)}/deepzoom_files/`;
+  slideView.showImage(dzi, async (level, col, row) => {
+    const tile = await fetch(`${base}${level}/${col}_${row}.jpeg`, { headers: authHeaders(false) });
+    if (!tile.ok) throw new Error(await errorMessage(tile));
+    return createImageBitmap(await tile.blob());
+  });
+  $("view-caption").textContent =
+    `The slide (${dzi.width} × ${dzi.height} px): drag to pan, wheel or double-click to zoom.`;
 }
 
 function clearHeatmap(caption) {
@@ -83,6 +97,18 @@ function clearHeatmap(caption) {
   clearCanvas(canvas);
   delete canvas.dataset.selected;
   $("heatmap-caption").textContent = caption;
+  state.explain = null;
+  slideView.setOverlay([]);
+}
+
+// The selected tiles on the slide: level-0 boxes coloured by score (as the heatmap), score as label.
+function overlayBoxes(explain, lo, span) {
+  const size = state.tiles.tile_size || 256;
+  return explain.coords.map(([x, y], k) => {
+    const score = explain.tile_scores ? explain.tile_scores[k] : null;
+    return { x, y, size, colour: score === null ? "#e4002b" : rampColour((score - lo) / span),
+             label: score === null ? "" : score.toFixed(2) };
+  });
 }
 
 function drawHeatmap(explain) {
@@ -114,6 +140,8 @@ function drawHeatmap(explain) {
     ctx.strokeRect(x, y, s, s);
   }
   canvas.dataset.selected = String(selected.length);
+  state.explain = explain;
+  slideView.setOverlay(overlayBoxes(explain, lo, span));
   $("heatmap-caption").textContent =
     `Selector ${explain.selector}: ${selected.length} of ${explain.n_tiles} tiles used (outlined)` +
     (scores ? `; colour = selector score (${lo.toFixed(3)} … ${hi.toFixed(3)})` : "; this selector gives no scores");
@@ -199,14 +227,15 @@ async function ask(question) {
 async function loadSlide(id) {
   state.slide = id;
   resetConversation();
+  slideView.clear();
   setStatus("Loading slide " + id + "…");
   const tiles = await api(`/v1/slides/${slidePath(id)}/tiles`);
   if (state.slide !== id) return;  // another slide was picked meanwhile
   state.tiles = tiles;
-  drawThumbnail(tiles);
   $("slide-info").textContent =
     `${tiles.n_used} tiles read of ${tiles.n_total} in the file; tile size ${tiles.tile_size} px`;
   setStatus("");
+  await showSlide(id, tiles);
 }
 
 async function init() {
@@ -247,6 +276,13 @@ $("api-key").addEventListener("change", () => {
 });
 $("slide-select").addEventListener("change", (e) => loadSlide(e.target.value).catch((err) => setStatus(err.message, true)));
 $("reset").addEventListener("click", resetConversation);
+$("zoom-in").addEventListener("click", () => slideView.zoomCentre(2));
+$("zoom-out").addEventListener("click", () => slideView.zoomCentre(0.5));
+$("zoom-fit").addEventListener("click", () => slideView.fit());
+$("show-overlay").addEventListener("change", (e) => {
+  slideView.showOverlay = e.target.checked;
+  slideView.requestDraw();
+});
 $("question").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("ask-form").requestSubmit(); }
 });
