@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import openai
@@ -304,3 +305,52 @@ def test_viewer_files_are_served_with_a_strict_policy(server):
     assert ".innerHTML" not in js.text and "eval(" not in js.text
     openai_error(httpx.get(url + "/static/../serve/app.py"), 404)
     openai_error(httpx.get(url + "/static/secret.py"), 404)
+
+
+def test_tile_size_follows_the_one_rule(server, tiny):
+    """The viewer's tile size is data/tile_size.py's rule: an attribute wins over the coordinate spacing
+    and the answer says where it came from."""
+    import h5py
+
+    url, _ = server
+    src = Path(tiny.slides_root) / f"{tiny.slide_ids[0]}.h5"
+    copy = Path(tiny.slides_root) / "tile_attr_copy.h5"
+    shutil.copy(src, copy)
+    with h5py.File(copy, "a") as f:
+        f.attrs["patch_size_level0"] = 512
+    try:
+        plain = httpx.get(f"{url}/v1/slides/{tiny.slide_ids[0]}/tiles").json()
+        assert plain["tile_size"] == 256.0 and plain["tile_size_source"]
+        tiles = httpx.get(f"{url}/v1/slides/tile_attr_copy/tiles").json()
+        assert tiles["tile_size"] == 512.0 and "patch_size_level0" in tiles["tile_size_source"], tiles
+        info = httpx.get(f"{url}/v1/slides/tile_attr_copy").json()
+        assert info["tile_size"] == 512.0
+    finally:
+        copy.unlink()
+
+
+def test_slides_named_by_stem_or_tcga_barcode(server, tiny):
+    """A slide deep in a TRIDENT output folder answers to its bare stem and its TCGA barcode (the one
+    resolver of data/resolve.py); two slides of one barcode are a 400 listing both; a near miss is a 404
+    with a suggestion."""
+    url, _ = server
+    src = Path(tiny.slides_root) / f"{tiny.slide_ids[0]}.h5"
+    deep = Path(tiny.slides_root) / "trident_job" / "20x_256px_0px_overlap" / "features_gigapath"
+    deep.mkdir(parents=True)
+    name = "TCGA-A1-A0SB-01Z-00-DX1.B34C267B-CAAA-4AB6-AD5C-276C26F3A3A9"
+    shutil.copy(src, deep / f"{name}.h5")
+    server[1].state.server.names.ttl = 0.0  # a name the index does not know rebuilds it at once
+    try:
+        full = f"trident_job/20x_256px_0px_overlap/features_gigapath/{name}"
+        assert httpx.get(f"{url}/v1/slides/{full}/tiles").json()["id"] == full
+        for alias in (name, "TCGA-A1-A0SB-01Z-00-DX1", "TCGA-A1-A0SB"):
+            r = httpx.get(f"{url}/v1/slides/{alias}/tiles")
+            assert r.status_code == 200 and r.json()["id"] == full, (alias, r.text)
+        shutil.copy(src, deep / "TCGA-A1-A0SB-01Z-00-DX2.h5")  # a second slide of the patient
+        server[1].state.server.names.index(refresh=True)  # the patient barcode is known: rebuild to see DX2
+        err = openai_error(httpx.get(f"{url}/v1/slides/TCGA-A1-A0SB/tiles"), 400, "ambiguous_slide")
+        assert name in err["message"] and "TCGA-A1-A0SB-01Z-00-DX2" in err["message"]
+        miss = httpx.get(f"{url}/v1/slides/TCGA-A1-A0SB-01Z-00-DX3/tiles")
+        assert miss.status_code == 404 and "did you mean" in openai_error(miss, 404, "slide_not_found")["message"]
+    finally:
+        shutil.rmtree(Path(tiny.slides_root) / "trident_job")

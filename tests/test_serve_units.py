@@ -6,14 +6,12 @@ import os
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from wsi_llava.serve.batching import BatchQueue, BatchWorker, Job, QueueFull
 from wsi_llava.serve.caches import LRUCache
 from wsi_llava.serve.errors import ApiError
 from wsi_llava.infer.generation import _held_back
-from wsi_llava.serve.responses import tile_size
 from wsi_llava.serve.schema import parse_chat_request
 from wsi_llava.serve.security import bearer_ok, is_loopback, list_slides, real_root, resolve_slide
 from wsi_llava.serve.server import batch_key
@@ -333,12 +331,6 @@ def test_held_back_covers_stop_prefixes_and_partial_characters():
     assert _held_back("abc", []) == 0
     assert _held_back("ab\ufffd", []) == 1
     assert _held_back("x EN", ["END", "E"]) == 2
-
-
-def test_tile_size_is_the_grid_step():
-    coords = np.array([[0, 0], [512, 0], [1024, 512], [256 * 7, 256 * 3]], dtype=np.float32)
-    assert tile_size(coords) == 256.0
-    assert tile_size(np.array([[100.0, 200.0]])) == 256.0
 
 
 # ------------------------------------------------------------------------------------- the CLI

@@ -39,7 +39,7 @@ from .config import ServeConfig
 from .deepzoom import SlideImages
 from .errors import ApiError, internal_error
 from .guard import RequestGuard, default_allowed_hosts, error_response
-from .responses import rounded_coords, tile_size
+from .responses import rounded_coords
 from .schema import ChatCompletionRequest, validation_error
 from .security import bearer_ok, list_slides
 from .server import SlideServer
@@ -165,9 +165,10 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
 
     @v1.get("/slides/{ref:path}/tiles")
     async def slide_tiles(ref: str):
-        sref, slide, _ = await server.open_slide(ref)
+        sref, slide, key = await server.open_slide(ref)
+        size, source = await server.tile_size(sref, key)
         return {"id": sref.id, "object": "slide.tiles", "n_total": int(slide.n_total), "n_used": int(len(slide.coords)),
-                "tile_size": tile_size(slide.coords), "coords": rounded_coords(slide.coords),
+                "tile_size": size, "tile_size_source": source, "coords": rounded_coords(slide.coords),
                 "image": await images.image_of(sref.id)}
 
     @v1.get("/slides/{ref:path}/deepzoom.dzi")
@@ -181,9 +182,10 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
 
     @v1.get("/slides/{ref:path}")
     async def slide_info(ref: str):
-        sref, slide, _ = await server.open_slide(ref)
+        sref, slide, key = await server.open_slide(ref)
+        size, source = await server.tile_size(sref, key)
         return {"id": sref.id, "object": "slide", "n_total": int(slide.n_total), "n_used": int(len(slide.coords)),
-                "dim": int(slide.features.shape[1]), "tile_size": tile_size(slide.coords)}
+                "dim": int(slide.features.shape[1]), "tile_size": size, "tile_size_source": source}
 
     # -- chat ------------------------------------------------------------------------------------
     @v1.post("/chat/completions")

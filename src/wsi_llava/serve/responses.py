@@ -124,14 +124,3 @@ def explain_payload(slide_id: str, slide: Slide, res: RowResult, selector: str) 
         "tile_scores": [_r(scores[i]) for i in v.indices] if scores is not None else None,
         "scores": [_r(s) for s in scores] if scores is not None else None,
     }
-
-
-def tile_size(coords: np.ndarray, default: float = 256.0) -> float:
-    """Grid step of tile coordinates [N, 2]: the smallest positive gap between distinct x (or y)
-    values; ``default`` when no two tiles share a row or column."""
-    gaps = []
-    for axis in (0, 1):
-        values = np.unique(np.asarray(coords, dtype=np.float64)[:, axis])
-        if len(values) > 1:
-            gaps.append(float(np.diff(values).min()))
-    return min(gaps) if gaps else float(default)

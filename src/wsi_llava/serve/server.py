@@ -18,6 +18,7 @@ import torch
 
 from ..data.prompts import PromptBuilder
 from ..data.slides import Slide, SlideError, load_slide
+from ..data.tile_size import TileSizeError, read_tile_size
 from ..errors import WsiLlavaError
 from ..infer.engine import SlideAssistant
 from ..infer.slide_features import feature_cache
@@ -28,7 +29,8 @@ from .errors import ApiError, internal_error
 from .generation import VisualEncoder, generate_rows
 from .images import ImageSlides, image_bytes, image_digest
 from .schema import ChatRequest
-from .security import SlideRef, real_root, resolve_slide
+from .names import SlideNames
+from .security import SlideRef, real_root
 from .slide_reader import SlideReader, SlideReaderCrashed, SlideReadTimeout
 
 log = logging.getLogger("wsi_llava.serve")
@@ -67,6 +69,8 @@ class SlideServer:
                  slide_loader=None):
         self.config = config
         self.root = real_root(config.slides_root)
+        #: slide references → files: the path under the root, else a file stem or TCGA barcode
+        self.names = SlideNames(self.root)
         self.assistant = assistant or SlideAssistant.from_pretrained(
             config.model, device=config.device, precision=config.precision, force_precision=config.force_precision)
         self.model_name = config.model_name or Path(config.model).resolve().name
@@ -77,6 +81,8 @@ class SlideServer:
         #: decodes with the original (a fast tokenizer must not be used from two threads at once)
         self.prompt_tokenizer = copy.deepcopy(tok)
         self.slides: LRUCache[Slide] = LRUCache(config.slide_cache_items, config.slide_cache_bytes, _slide_bytes)
+        #: (tile size, source) per slide file version (:meth:`tile_size`)
+        self.tile_sizes: LRUCache[tuple] = LRUCache(config.slide_cache_items, 1 << 20, lambda _: 128)
         #: reads slide files off the event loop, each bounded by ``slide_timeout``
         self.reader = SlideReader(slide_loader or file_loader(self.assistant), config.slide_readers,
                                   config.slide_timeout, config.slide_reader)
@@ -124,7 +130,7 @@ class SlideServer:
 
     async def open_slide(self, ref_text: str) -> tuple[SlideRef, Slide, tuple]:
         """A client's slide reference → (checked reference, tiles, cache key); see :meth:`load_slide`."""
-        ref = await asyncio.to_thread(resolve_slide, self.root, ref_text)
+        ref = await asyncio.to_thread(self.names.resolve, ref_text)
         slide, key = await self.load_slide(ref)
         return ref, slide, key
 
@@ -163,6 +169,25 @@ class SlideServer:
         return ApiError(504, f"reading slide {ref.id!r} took longer than {t:g} s" +
                         (f" recently; it is not tried again for {t:g} s" if again else "; the read was abandoned"),
                         code="slide_timeout", param="slide")
+
+    async def tile_size(self, ref: SlideRef, key: tuple) -> tuple[float | None, str]:
+        """``(size, source)``: the slide's tile side in level-0 px by the one rule of
+        :mod:`wsi_llava.data.tile_size` (H5 attributes, else the coordinate spacing) and where it came from;
+        ``(None, why)`` when the rule finds none (a single tile without attributes). Cached per file version;
+        call after :meth:`load_slide` (the file, or a raw slide's cache entry, was read once already)."""
+        found = self.tile_sizes.get(key)
+        if found is None:
+            def rule() -> tuple[float | None, str]:
+                path = self.features.entry(ref.path) if ref.raw else ref.path
+                try:
+                    size = read_tile_size(path)
+                except TileSizeError as e:
+                    return None, self._public(str(e), ref)
+                return float(size.size), size.source
+
+            found = await asyncio.to_thread(rule)
+            self.tile_sizes.put(key, found)
+        return found
 
     async def _read_raw(self, ref: SlideRef, key: tuple) -> Slide:
         """A raw slide: its cache entry (extracted now, in a thread, if missing), read as any slide file."""

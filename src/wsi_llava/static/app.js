@@ -233,7 +233,7 @@ async function loadSlide(id) {
   if (state.slide !== id) return;  // another slide was picked meanwhile
   state.tiles = tiles;
   $("slide-info").textContent =
-    `${tiles.n_used} tiles read of ${tiles.n_total} in the file; tile size ${tiles.tile_size} px`;
+    `${tiles.n_used} tiles read of ${tiles.n_total} in the file; tile size ${tiles.tile_size ?? "unknown"} px (${tiles.tile_size_source})`;
   setStatus("");
   await showSlide(id, tiles);
 }
