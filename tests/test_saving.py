@@ -253,3 +253,17 @@ def test_export_tower_follows_a_referenced_tower(tiny_llm, tmp_path):
     got = read_tower_weights(tmp_path / "out")
     want = read_tower_weights(tower_file)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_lora_adapter_of_a_resized_vocabulary_holds_no_embeddings(short_base, tmp_path):
+    """With added tokens (resized embeddings) PEFT's save would copy the whole embedding matrices into the
+    adapter ("auto"); the adapter holds only LoRA tensors, the added rows are in added_tokens.safetensors."""
+    model, tok = trained(short_base, finetuning_type="lora")
+    batch = batch_for(model, tok)
+    ref = logits(model, batch)
+    save(model, tok, tmp_path / "out")
+    keys, _ = keys_and_bytes(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    assert keys and all("lora_" in k for k in keys), [k for k in keys if "lora_" not in k][:5]
+    assert (tmp_path / "out" / saving.ADDED_NAME).is_file()
+    unmerged, _ = load_wsi_llava(tmp_path / "out", merge_lora=False)
+    assert torch.equal(logits(unmerged, batch), ref)

@@ -174,7 +174,9 @@ def save_trained(model, folder: str | os.PathLike, merge_for_full: bool = False)
             added["output"] = out_emb.weight[first:]
         save_file({k: v.detach().cpu().contiguous() for k, v in added.items()}, str(folder / ADDED_NAME))
     if hasattr(model.language_model, "peft_config"):
-        model.language_model.save_pretrained(str(folder / ADAPTER_DIR))
+        # the adapter alone: PEFT would add the whole resized embeddings ("auto"); their added rows are
+        # in added_tokens.safetensors, the rest is the base LM's
+        model.language_model.save_pretrained(str(folder / ADAPTER_DIR), save_embedding_layers=False)
     model.config.save_pretrained(folder)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)

@@ -275,20 +275,17 @@ def run_contrastive(cfg: TrainConfig) -> Path:
     trainer = ContrastiveTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  data_collator=SlideTextCollator(pad_token_id(tokenizer)), processing_class=tokenizer,
                                  callbacks=[EpochCallback(train_ds)], checkpoint_limit=checkpoint_limit)
-    checkpoint = trainer.find_resume(resume)
-    if checkpoint is not None:
+    checkpoint, end = trainer.find_resume_at_end(resume)
+    if end is not None:  # nothing left to train
         step = checkpoint_step(checkpoint)
-        max_steps = args.max_steps if args.max_steps > 0 else \
-            trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
-        if step >= max_steps:  # nothing left to train: never resume into more steps
-            marker = final.read_marker(out_dir)
-            if marker is not None and int(marker["step"]) == step:
-                logger.info("run already complete: %s holds the final model of step %d; nothing left to train "
-                            "(max_steps %d; config changed since: %s); nothing to do", out_dir, step, max_steps,
-                            final.config_changes(marker.get("config", {}), identity) or "nothing that matters")
-                return out_dir
-            _finish_without_training(trainer, cfg, out_dir, Path(checkpoint), max_steps, feature_dim)
+        marker = final.read_marker(out_dir)
+        if marker is not None and int(marker["step"]) == step:
+            logger.info("run already complete: %s holds the final model of step %d; nothing left to train "
+                        "(max_steps %d; config changed since: %s); nothing to do", out_dir, step, end,
+                        final.config_changes(marker.get("config", {}), identity) or "nothing that matters")
             return out_dir
+        _finish_without_training(trainer, cfg, out_dir, Path(checkpoint), end, feature_dim)
+        return out_dir
     if trainer.is_world_process_zero():
         final.remove_marker(out_dir)  # the final model is about to change
         write_stage1_config(out_dir, stage1_description(cfg, model, feature_dim))

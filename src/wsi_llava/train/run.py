@@ -286,14 +286,10 @@ def run_sft(cfg: TrainConfig) -> Path:
                          data_collator=SlideCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                          callbacks=[EpochCallback(train_ds)], loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
                          do_sanity_check=cfg.finetuning.do_sanity_check, checkpoint_limit=checkpoint_limit)
-    checkpoint = trainer.find_resume(resume)
-    if checkpoint is not None:
-        step = checkpoint_step(checkpoint)
-        max_steps = args.max_steps if args.max_steps > 0 else \
-            trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
-        if step >= max_steps:  # nothing left to train: never resume into more steps
-            _finish_without_training(trainer, model, tokenizer, cfg, out_dir, Path(checkpoint), max_steps, identity)
-            return out_dir
+    checkpoint, end = trainer.find_resume_at_end(resume)
+    if end is not None:  # nothing left to train
+        _finish_without_training(trainer, model, tokenizer, cfg, out_dir, Path(checkpoint), end, identity)
+        return out_dir
     if trainer.is_world_process_zero():
         final.remove_marker(out_dir)  # the final model is about to change
     trainer.train(resume_from_checkpoint=checkpoint)

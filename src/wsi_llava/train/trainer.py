@@ -18,6 +18,7 @@ from ..fileio import write_error_text
 from ..model.saving import apply_parts, is_parts_folder, save_trained
 from .checkpoint import (
     CheckpointError,
+    checkpoint_step,
     clean_staging,
     is_complete,
     newest_complete,
@@ -110,6 +111,17 @@ class CrashSafeCheckpoints:
         resume = resolve_resume(resume_from_checkpoint, run_dir)
         self.resume_memo = (resume_from_checkpoint, resume)
         return resume
+
+    def find_resume_at_end(self, resume_from_checkpoint) -> tuple[str | None, int | None]:
+        """:meth:`find_resume`'s checkpoint and, when it is already at the end of training (its step >=
+        ``max_steps``: a run never resumes into more steps), ``max_steps``; else None."""
+        checkpoint = self.find_resume(resume_from_checkpoint)
+        if checkpoint is None:
+            return None, None
+        args = self.args
+        max_steps = args.max_steps if args.max_steps > 0 else \
+            self.set_initial_training_values(args, self.get_train_dataloader())[-1]
+        return checkpoint, (max_steps if checkpoint_step(checkpoint) >= max_steps else None)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train`` after :meth:`find_resume`. An error while a checkpoint was being written
