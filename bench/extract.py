@@ -110,7 +110,7 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in wall.items()}
     print(f"{n} tiles of {args.tile_size} px at {args.magnification:g}x ({size0} level-0 px), batch {args.batch}, "
           f"{args.threads} encoder thread(s), {args.workers} reader worker(s), median of {args.reps}")
-    print(f"| measured | wall s | CPU s | tiles/s (wall) | vs encoder alone |\n|---|---|---|---|---|")
+    print("| measured | wall s | CPU s | tiles/s (wall) | vs encoder alone |\n|---|---|---|---|---|")
     for k in modes:
         print(f"| {k} | {med[k]:.2f} | {statistics.median(cpu[k]):.2f} | {n / med[k]:.1f} | "
               f"{med['encoder alone'] / med[k]:.2f} |")

@@ -65,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=1, D={args.d}, k={args.k}, "
           f"best of {args.repeats}\n")
-    print(f"| selector | options | " + " | ".join(f"N={n} ms | ×none" for n in args.n) + " |")
+    print("| selector | options | " + " | ".join(f"N={n} ms | ×none" for n in args.n) + " |")
     print("|---|---|" + "---:|---:|" * len(args.n))
     rows: dict[str, list[str]] = {}
     base: dict[int, float] = {}

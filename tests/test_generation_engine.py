@@ -7,7 +7,6 @@ import ast
 from pathlib import Path
 
 import pytest
-import torch
 
 import wsi_llava
 from wsi_llava.infer.engine import SlideAssistant

@@ -327,7 +327,7 @@ def test_strict_loading_lists_missing_unexpected_and_mismatched_keys(tmp_path):
     assert "unexpected keys (1)" in text and "encoder.layers.0.self_attn.rel_pos.weight" in text
     with pytest.raises(ValueError, match=r"shape mismatches \(10\)") as err:
         load_slide_encoder(sd, num_heads=4, mlp_ratio=2.0, segment_lengths=[8], dilations=[1])
-    assert "encoder.layers.0.ffn.fc1.weight: checkpoint (128, 32) vs model (64, 32)" in str(err.value)
+    assert "encoder.layers.0.ffn.fc1.weight: weights (128, 32) vs model (64, 32)" in str(err.value)
     with pytest.raises(FileNotFoundError):
         load_slide_encoder(tmp_path / "nope.pth")
     with pytest.raises(TypeError, match="unknown SlideEncoderConfig"):

@@ -88,7 +88,7 @@ def test_wrong_keys_are_all_listed(tmp_path):
     assert str(path) in msg
     assert "missing keys (1)" in msg and "norm.weight" in msg
     assert "unexpected keys (1)" in msg and "head.weight" in msg
-    assert "shape mismatches (1)" in msg and "cls_token: file (1, 1, 25) vs model (1, 1, 24)" in msg
+    assert "shape mismatches (1)" in msg and "cls_token: weights (1, 1, 25) vs model (1, 1, 24)" in msg
 
 
 class Payload:

@@ -51,7 +51,6 @@ COUNT_OF = {
     "closed_accuracy": "n_closed", "mc_accuracy": "n_mc", "yes_no_accuracy": "n_yes_no",
     **{m: "n_open" for m in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_1", "rouge_2", "rouge_l", "meteor")},
 }
-MAX_BLEU_ORDER = 4
 
 
 @dataclass

@@ -215,9 +215,9 @@ class WsiLlavaConfig(PreTrainedConfig):
         if self.vision_mode not in ("none", "wsi"):
             raise ConfigError(f"vision_mode {self.vision_mode!r} is not supported; use 'none' or 'wsi'")
         if self.use_cls_token and self.vision_mode == "none":
-            raise ConfigError(f"use_cls_token needs a tower with a CLS token (vision_mode: wsi)")
+            raise ConfigError("use_cls_token needs a tower with a CLS token (vision_mode: wsi)")
         if self.image_seq_length < 1:
-            raise ConfigError(f"image_seq_length must be >= 1")
+            raise ConfigError("image_seq_length must be >= 1")
         try:
             SelectOptions.from_mapping(self.select_options)
         except ValueError as e:

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ..data.tower_output import TowerOutput
 from .configuration import SlideEncoderConfig
 from .dilated_attention import dilated_attention
-from .weights import read_state_dict
+from .weights import mismatch_report, read_state_dict
 
 __all__ = [
     "SlideEncoder",
@@ -348,18 +348,6 @@ def _infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
     return found
 
 
-def _report(missing: list[str], unexpected: list[str], shapes: list[str], where: str) -> str:
-    def block(title, items):
-        if not items:
-            return ""
-        shown = "\n".join(f"    {k}" for k in items[:40])
-        more = f"\n    ... and {len(items) - 40} more" if len(items) > 40 else ""
-        return f"\n  {title} ({len(items)}):\n{shown}{more}"
-
-    return (f"{where} does not match the slide encoder:" + block("missing keys", missing)
-            + block("unexpected keys", unexpected) + block("shape mismatches", shapes))
-
-
 def load_slide_encoder(path_or_state_dict, **config_overrides) -> SlideEncoder:
     """Build a :class:`SlideEncoder` and load weights into it, strictly.
 
@@ -374,12 +362,8 @@ def load_slide_encoder(path_or_state_dict, **config_overrides) -> SlideEncoder:
     sd = _read_state_dict(path_or_state_dict)
     cfg = SlideEncoderConfig.from_fields(_infer_config(sd), **config_overrides)
     model = SlideEncoder(cfg)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        raise ValueError(_report(missing, unexpected, shapes, where))
+    problem = mismatch_report(model.state_dict(), sd, where, "the slide encoder")
+    if problem:
+        raise ValueError(problem)
     model.load_state_dict(sd, strict=True)
     return model.eval()

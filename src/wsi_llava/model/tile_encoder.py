@@ -47,7 +47,7 @@ import torch.nn as nn
 
 
 from .vit import TIMM_VITS, TileEncoderError, ViT, ViTConfig
-from .weights import read_state_dict
+from .weights import mismatch_report, read_state_dict
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NAMED", "TIMM_VITS", "Preprocess", "TileEncoder", "TileEncoderError",
            "ViT", "ViTConfig", "build_tile_encoder", "load_tile_encoder", "load_tile_weights",
@@ -276,21 +276,9 @@ def load_tile_weights(encoder: TileEncoder, source) -> None:
     sd, where = read_state_dict(source, "tile encoder", TileEncoderError)
     own = encoder.backbone.state_dict()
     # a head saved with num_classes=0 is absent; a bare `head.*` from a classifier is unexpected, as it should be
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        def block(title, items):
-            if not items:
-                return ""
-            shown = "\n".join(f"    {k}" for k in items[:40])
-            more = f"\n    ... and {len(items) - 40} more" if len(items) > 40 else ""
-            return f"\n  {title} ({len(items)}):\n{shown}{more}"
-
-        raise TileEncoderError(f"{where} does not match tile encoder {encoder.name!r}:"
-                               + block("missing keys", missing) + block("unexpected keys", unexpected)
-                               + block("shape mismatches", shapes))
+    problem = mismatch_report(own, sd, where, f"tile encoder {encoder.name!r}")
+    if problem:
+        raise TileEncoderError(problem)
     if any(p.is_meta for p in encoder.backbone.parameters()):
         encoder.backbone.load_state_dict(sd, strict=True, assign=True)
     else:

@@ -48,3 +48,25 @@ def read_state_dict(source, what: str, error: type[Exception] = ValueError) -> t
     if bad:
         raise error(f"{where}: not a state dict of tensors (non-tensor entries: {bad[:5]})")
     return dict(sd), where
+
+
+def mismatch_report(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], where: str,
+                    what: str) -> str | None:
+    """Every missing key, unexpected key and shape mismatch of ``sd`` against a model's state dict
+    ``own``, as one message (``where`` does not match ``what``: …); None when they fit exactly."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: weights {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape))
+    if not (missing or unexpected or shapes):
+        return None
+
+    def block(title: str, items: list[str]) -> str:
+        if not items:
+            return ""
+        shown = "\n".join(f"    {k}" for k in items[:40])
+        more = f"\n    ... and {len(items) - 40} more" if len(items) > 40 else ""
+        return f"\n  {title} ({len(items)}):\n{shown}{more}"
+
+    return (f"{where} does not match {what}:" + block("missing keys", missing) + block("unexpected keys", unexpected)
+            + block("shape mismatches", shapes))
