@@ -51,7 +51,7 @@ $(COMPAT)/.installed: $(STAMP)
 
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT):$(CURDIR)/src $(PY) -c 'import transformers; assert transformers.__version__ == "$(COMPAT_VERSION)", transformers.__version__'
-	PYTHONPATH=$(COMPAT):$(CURDIR)/src $(PY) -m pytest -q $(COMPAT_TESTS)
+	PYTHONPATH=$(COMPAT):$(CURDIR)/src $(PY) -m pytest $(COMPAT_TESTS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_OUT)-tiny .pytest_cache
