@@ -99,11 +99,12 @@ def _held_back(text: str, stops: list[str]) -> int:
 class RowController(StoppingCriteria):
     """Per-row end of generation, called by ``generate`` after every new token.
 
-    For each live row: an end-of-turn token ends it (``stop``); otherwise the token is appended, the
-    row's text decoded, a stop string ends it (the text is cut before it), reaching the row's
+    For each live row: an end-of-turn token ends it (``stop``); otherwise the token is appended and, when
+    the row has stop strings or streams, its text decoded: a stop string ends it (the text is cut before it), reaching the row's
     ``max_new_tokens`` ends it (``length``), ``cancelled()`` ends it (``cancelled``). ``visible`` is the text
     safe to stream: it holds back what could still become a stop string, an unfinished UTF-8 character
-    or trailing whitespace; a finished row's ``visible`` is its final text.
+    or trailing whitespace; a finished row's ``visible`` is its final text. A row with neither stop strings nor
+    streaming is decoded once, when it ends.
     """
 
     def __init__(self, tokenizer, requests: list[Request], eos_ids: set[int]):
@@ -126,23 +127,27 @@ class RowController(StoppingCriteria):
             self._finish(st, "stop")
             return
         st.ids.append(tok)
-        text = self.tokenizer.decode(st.ids, skip_special_tokens=True).lstrip()
-        cuts = [text.index(s) for s in req.settings.stop if s and s in text]
-        if cuts:
-            st.text = text[: min(cuts)]
-            self._finish(st, "stop")
-            return
-        st.text = text
+        watched = bool(req.settings.stop) or req.on_delta is not None
+        if watched:  # stop strings to find or text to stream: decode now (else once, at the end)
+            text = self._decode(st)
+            cuts = [text.index(s) for s in req.settings.stop if s and s in text]
+            if cuts:
+                self._finish(st, "stop", text[: min(cuts)])
+                return
         if st.n_generated >= req.settings.max_new_tokens:
             self._finish(st, "length")
         elif req.cancelled():
             self._finish(st, "cancelled")
-        else:
+        elif watched:
             visible = text.rstrip()
             st.visible = visible[: len(visible) - _held_back(visible, req.settings.stop)].rstrip()
 
-    def _finish(self, st: _RowState, reason: str) -> None:
-        st.text = st.visible = st.text.rstrip()
+    def _decode(self, st: _RowState) -> str:
+        return self.tokenizer.decode(st.ids, skip_special_tokens=True).lstrip()
+
+    def _finish(self, st: _RowState, reason: str, text: str | None = None) -> None:
+        """End the row with ``text`` (default: all its tokens decoded)."""
+        st.text = st.visible = (self._decode(st) if text is None else text).rstrip()
         st.done, st.finish_reason = True, reason
 
     def finish_unended(self) -> None:
