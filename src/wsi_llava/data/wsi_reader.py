@@ -218,12 +218,16 @@ class WsiReader(_OpenSlideHandle):
         return out
 
 
-def open_wsi(path: str | os.PathLike, mpp_table: dict[str, float] | None = None) -> WsiReader:
-    """Open ``path``; its pixel size from ``mpp_table`` (:func:`read_mpp_csv`, by file name or stem) if listed."""
+def mpp_override(path: str | os.PathLike, mpp_table: dict[str, float] | None) -> float | None:
+    """The pixel size ``mpp_table`` (:func:`read_mpp_csv`) gives ``path``, by file name or stem; None if unlisted."""
     p = Path(path)
     table = mpp_table or {}
-    mpp = table.get(p.name, table.get(p.stem))
-    return WsiReader(p, mpp)
+    return table.get(p.name, table.get(p.stem))
+
+
+def open_wsi(path: str | os.PathLike, mpp_table: dict[str, float] | None = None) -> WsiReader:
+    """Open ``path``; its pixel size from ``mpp_table`` (:func:`mpp_override`) if listed."""
+    return WsiReader(Path(path), mpp_override(path, mpp_table))
 
 
 def is_raw_slide(path: str | os.PathLike) -> bool:

@@ -19,7 +19,7 @@ from ..data.wsi_reader import is_raw_slide
 from ..precision import add_precision_arguments
 from .engine import SlideAssistant
 from .generation import GenerationSettings
-from .roi import add_tile_encoder_arguments, check_width, roi_to_slide
+from .roi import RoiSlides, add_tile_encoder_arguments
 from .slide_features import add_raw_slide_arguments, feature_cache_from_args
 
 
@@ -58,20 +58,17 @@ def main(args: argparse.Namespace) -> int:
                          "(the tile encoder's local weights file)")
     assistant = SlideAssistant.from_pretrained(args.model, tower_cache=args.tower_cache, device=args.device,
                                                precision=args.precision, force_precision=args.force_precision)
-    encoder = None
-    if args.tile_weights and (args.image or raw):
-        from ..model.tile_encoder import load_tile_encoder
-
-        encoder = load_tile_encoder(args.tile_weights, args.tile_encoder)
-        check_width(encoder, assistant.model.config.feature_dim, args.tile_weights)
+    rois = None
+    if args.tile_weights and (args.image or raw):  # the tile encoder, on the model's device, width checked
+        rois = RoiSlides.for_model(assistant.model, args.tile_weights, args.tile_encoder, assistant.patches_per_wsi)
     if args.image:
-        slide = roi_to_slide(args.image, encoder, assistant.patches_per_wsi)
+        slide = rois(args.image)
         args.slide = args.image
     else:
         path = slide_argument(args.slide, args.slide_root)
         slide_id = (args.slide_id or Path(path).stem) if args.tower_cache else None
         if raw:
-            cache = feature_cache_from_args(args, encoder, assistant.model.config.feature_dim,
+            cache = feature_cache_from_args(args, rois.encoder, assistant.model.config.feature_dim,
                                             str(assistant.model.device), assistant.precision)
             path = cache.entry(path)
         slide = assistant.load(path, slide_id=slide_id)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.tissue import MIN_TISSUE_FRACTION
-from ..data.wsi_reader import WsiError, find_slides, read_mpp_csv
+from ..data.wsi_reader import WsiError, find_slides, mpp_override, read_mpp_csv
 from ..errors import MissingFileError, WsiLlavaError
 from ..fileio import atomic_write_text, sha256_file
 from ..precision import Precision, add_precision_arguments, resolve_precision
@@ -60,10 +60,12 @@ class ExtractSettings:
     workers: int = 1
 
 
-def extraction_key(settings: ExtractSettings, slide: Path) -> str:
-    """The identity of one slide's extraction; a finished H5 holding another key is redone."""
+def extraction_key(settings: ExtractSettings, slide: Path, mpp_table: dict[str, float] | None = None) -> str:
+    """The identity of one slide's extraction (with its ``--mpp-csv`` pixel size, which moves the tiles); a
+    finished H5 holding another key is redone."""
     return json.dumps({"encoder": settings.encoder_id, "magnification": settings.magnification,
                        "tile_size": settings.tile_size, "min_tissue": settings.min_tissue,
+                       "mpp": mpp_override(slide, mpp_table),
                        "slide": str(slide.resolve()), "slide_bytes": slide.stat().st_size}, sort_keys=True)
 
 
@@ -186,7 +188,7 @@ def extract_cohort(slides: list[Path], out: str | os.PathLike, encoder, settings
     with tqdm(slides, desc="extract", unit="slide", disable=not progress) as bar:
         for slide in bar:
             target = out / "features" / f"{slide.stem}.h5"
-            key = extraction_key(settings, slide)
+            key = extraction_key(settings, slide, mpp_table)
             row = finished_row(target, key, out) if target.exists() else None
             if row is not None:
                 rows.append(row)
@@ -258,9 +260,11 @@ def main(args: argparse.Namespace) -> int:
     check_unique_ids(slides)  # over the whole cohort: two ranks must never write the same files
     mpp_table = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
     encoder = load_tile_encoder(args.weights, args.encoder)
-    settings = ExtractSettings(encoder_id(encoder, args.weights), args.magnification, args.tile_size,
-                               args.min_tissue, args.batch_size, args.workers)
     with shard.sharded() as sh:
+        # the weights (GBs for GigaPath) are hashed once, by the main process
+        eid = sh.from_main(lambda: encoder_id(encoder, args.weights)) if sh else encoder_id(encoder, args.weights)
+        settings = ExtractSettings(eid, args.magnification, args.tile_size, args.min_tissue, args.batch_size,
+                                   args.workers)
         device = shard.device_for(args.device, sh)
         precision = resolve_precision(args.precision, device, force=args.force_precision)
         mine = slides

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def write_h5(plan: SlidePlan, features: np.ndarray, target: Path, attrs: dict) -
     attributes on ``coords``), plus ``attrs`` on the file; written beside ``target`` and renamed."""
     import h5py
 
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # processes share a cache
     with publishing(tmp, target):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features.astype(np.float32, copy=False))

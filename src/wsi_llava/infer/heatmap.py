@@ -400,7 +400,7 @@ def _roi_slide(args: argparse.Namespace, assistant):
     if args.slide_size or args.downsample is not None:
         raise SystemExit("--slide-size / --downsample place a thumbnail of a --slide; an ROI image is its own "
                          "level 0")
-    rois = RoiSlides.for_model(assistant.model.config, args.tile_weights, args.tile_encoder,
+    rois = RoiSlides.for_model(assistant.model, args.tile_weights, args.tile_encoder,
                                assistant.patches_per_wsi)
     return rois(args.image), TileSize(rois.encoder.tile_size, "the tile encoder's tile size (ROI image)")
 

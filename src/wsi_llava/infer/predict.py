@@ -316,7 +316,7 @@ def main(args: argparse.Namespace) -> int:
                                 "fills the feature cache) and point h5_path at the H5 files")
         cfg = assistant.model.config
         if image_only and args.tile_weights:
-            rois = RoiSlides.for_model(cfg, args.tile_weights, args.tile_encoder, assistant.patches_per_wsi)
+            rois = RoiSlides.for_model(assistant.model, args.tile_weights, args.tile_encoder, assistant.patches_per_wsi)
         if raw_rows and args.tile_weights:
             from ..model.tile_encoder import load_tile_encoder
 

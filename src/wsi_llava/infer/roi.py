@@ -139,16 +139,15 @@ class RoiSlides:
     tile encoder is loaded once, frozen, and each image is encoded once (later rows reuse its slide)."""
 
     @classmethod
-    def for_model(cls, model_config, weights: str | os.PathLike, name: str | None = None,
+    def for_model(cls, model, weights: str | os.PathLike, name: str | None = None,
                   patches_per_wsi: int | None = None) -> "RoiSlides":
-        """For a model whose config is ``model_config``: the encoder must give the model's tile-feature
+        """For ``model`` (a WSI-LLaVA): the encoder runs on the model's device and must give its tile-feature
         width (the tower's ``in_dim``, else ``mm_hidden_size``), else :class:`TileWidthError`."""
-        want = model_config.feature_dim
-        return cls(weights, name, patches_per_wsi, want)
+        return cls(weights, name, patches_per_wsi, model.config.feature_dim, device=model.device)
 
     def __init__(self, weights: str | os.PathLike, name: str | None = None, patches_per_wsi: int | None = None,
-                 expected_dim: int | None = None, batch_size: int = 32):
-        self.encoder = load_tile_encoder(weights, name).eval()
+                 expected_dim: int | None = None, batch_size: int = 32, device: str | torch.device = "cpu"):
+        self.encoder = load_tile_encoder(weights, name).to(device).eval()
         self.encoder.requires_grad_(False)
         if expected_dim is not None:
             check_width(self.encoder, expected_dim, weights)

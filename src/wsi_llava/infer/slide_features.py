@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..data.wsi_reader import read_mpp_csv
+from ..data.wsi_reader import mpp_override, read_mpp_csv
 from ..errors import MissingFileError
 from ..fileio import atomic_write_text, sha256_file
 from ..precision import Precision
@@ -110,6 +110,8 @@ class FeatureCache:
         self.device, self.precision, self.report = device, precision, report
         self.extractions = 0
         self._lock = threading.Lock()
+        #: (real path, size, mtime) of a slide's files → its entry: a known slide version is not hashed again
+        self._entries: dict[tuple, Path] = {}
 
     @functools.cached_property
     def settings(self) -> ExtractSettings:
@@ -138,7 +140,7 @@ class FeatureCache:
         s = self.settings
         return json.dumps({"slide_sha256": self.content_hash(slide), "encoder": s.encoder_id,
                            "magnification": s.magnification, "tile_size": s.tile_size, "min_tissue": s.min_tissue,
-                           "mpp": self.mpp_table.get(slide.name, self.mpp_table.get(slide.stem))}, sort_keys=True)
+                           "mpp": mpp_override(slide, self.mpp_table)}, sort_keys=True)
 
     # -- entries ---------------------------------------------------------------------------------
     def entry(self, slide: str | os.PathLike) -> Path:
@@ -149,11 +151,21 @@ class FeatureCache:
         slide = Path(slide)
         if not slide.is_file():
             raise MissingFileError(f"slide not found: {slide}; check the path")
+        version = tuple((str(f.resolve()), (st := f.stat()).st_size, st.st_mtime_ns) for f in slide_files(slide))
+        known = self._entries.get(version)
+        if known is not None and known.is_file():
+            return known
         key = self.entry_key(slide)
         target = self.dir / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
+        if not (target.exists() and finished_row(target, key, self.dir) is not None):
+            self._extract(slide, target, key)  # one at a time; a cached slide never waits for it
+        self._entries[version] = target
+        return target
+
+    def _extract(self, slide: Path, target: Path, key: str) -> None:
         with self._lock:
             if target.exists() and finished_row(target, key, self.dir) is not None:
-                return target
+                return  # another thread extracted it meanwhile
             self.dir.mkdir(parents=True, exist_ok=True)
             s = self.settings
             self.report(f"extracting tile features of {slide} ({self.encoder.name}, {s.magnification:g}x, "
@@ -162,7 +174,6 @@ class FeatureCache:
             n = extract_slide(slide, target, key, self.encoder, s, self.mpp_table, self.device, self.precision)
             self.extractions += 1
             self.report(f"extracted {n} tiles of {slide.name} in {time.monotonic() - start:.1f} s")
-        return target
 
 
 # -- command line --------------------------------------------------------------------------------

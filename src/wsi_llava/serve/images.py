@@ -94,8 +94,8 @@ class ImageSlides:
 
     def __init__(self, weights: str, name: str | None, patches_per_wsi: int | None, expected_dim: int, device,
                  max_pixels: int, cache: LRUCache[Slide]):
-        rois = RoiSlides(weights, name, patches_per_wsi, expected_dim)
-        self.encoder = rois.encoder.to(device)
+        rois = RoiSlides(weights, name, patches_per_wsi, expected_dim, device=device)
+        self.encoder = rois.encoder
         self.patches_per_wsi = rois.patches_per_wsi
         self.batch_size = rois.batch_size
         self.max_pixels = max_pixels
