@@ -284,9 +284,9 @@ def test_commit_callback_replaces_a_step_saved_again_then_commits_and_rotates(tm
     cb = CommitCheckpoints(trainer, checkpoint_limit=2)
     args = SimpleNamespace(output_dir=str(run), should_save=True)
     state = SimpleNamespace(global_step=6, best_model_checkpoint=str(run / "checkpoint-2"))
-    cb.on_step_end(args, state, SimpleNamespace(should_save=False))
+    cb.before_save(args, state, run)  # the final save into the run folder, not a checkpoint
     assert names(run) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # not a save step: untouched
-    cb.on_step_end(args, state, SimpleNamespace(should_save=True))
+    cb.before_save(args, state, run / "checkpoint-6")  # the step's checkpoint, whatever the save strategy
     assert names(run) == ["checkpoint-2", "checkpoint-4"]
     fake_checkpoint(run, 6, complete=False)  # what the Trainer writes
     assert not ck.is_complete(run / "checkpoint-6")

@@ -47,16 +47,20 @@ class CommitCheckpoints(TrainerCallback):
     """Commits each checkpoint the ``Trainer`` saved: on ``on_save`` (after every rank wrote its files)
     the saving rank fsyncs the folder, writes the manifest (the commit) and then applies
     ``checkpoint_limit`` over committed checkpoints (never the newest nor the best). A step about to
-    be saved again first loses its old folder, so no stale committed files are overwritten in place."""
+    be saved again first loses its old folder (:meth:`before_save`, called by
+    :meth:`CrashSafeCheckpoints.save_model` whatever the save strategy), so no stale committed files are
+    overwritten in place."""
 
     def __init__(self, trainer, checkpoint_limit: int | None):
         self.trainer = trainer
         self.checkpoint_limit = checkpoint_limit
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if not control.should_save:
-            return
+    def before_save(self, args, state, output_dir: str | os.PathLike) -> None:
+        """Before the ``Trainer`` writes into ``output_dir``: when it is this step's checkpoint folder and
+        exists already (the step saved again), the saving rank removes it; every rank waits for that."""
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if Path(output_dir) != folder:
+            return  # the final save, or a folder of the user's
         if args.should_save and folder.exists():
             remove_checkpoint(folder)
         self.trainer.accelerator.wait_for_everyone()  # no rank writes into the folder before it is gone
@@ -92,7 +96,19 @@ class CrashSafeCheckpoints:
         if self.args.save_total_limit is not None:
             logger.info("save_total_limit %s: applied by WSI-LLaVA after each commit", self.args.save_total_limit)
             self.args.save_total_limit = None
-        self.add_callback(CommitCheckpoints(self, self.checkpoint_limit))
+        self.commit = CommitCheckpoints(self, self.checkpoint_limit)
+        self.add_callback(self.commit)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` (public), called by every rank for each checkpoint: a folder of this step
+        saved before is removed first (:meth:`CommitCheckpoints.before_save`), then :meth:`write_model`."""
+        if output_dir is not None:
+            self.commit.before_save(self.args, self.state, output_dir)
+        self.write_model(output_dir, _internal_call)
+
+    def write_model(self, output_dir: str | None, _internal_call: bool = False) -> None:
+        """What a save writes: Hugging Face's own ``save_model``."""
+        super().save_model(output_dir, _internal_call)
 
     # -- resume -------------------------------------------------------------------------------
     def find_resume(self, resume_from_checkpoint) -> str | None:
@@ -169,11 +185,11 @@ class WsiTrainer(CrashSafeCheckpoints, Trainer):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.do_sanity_check = do_sanity_check
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+    def write_model(self, output_dir: str | None, _internal_call: bool = False) -> None:
         """The model's trained parts (or the whole model, see :func:`~wsi_llava.model.saving.save_trained`),
         the tokenizer and the training arguments; DeepSpeed and FSDP keep Hugging Face's own save."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super().save_model(output_dir, _internal_call)
+            return super().write_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             save_trained(self.accelerator.unwrap_model(self.model), output_dir)
