@@ -61,3 +61,11 @@ def test_no_size_is_an_error_naming_the_file(tmp_path):
         read_tile_size(_h5(tmp_path / "bad.h5", GRID, file_attrs={"patch_size": 0}))
     with pytest.raises(TileSizeError, match="x.h5"):
         tile_size_rule([], None, "x.h5")
+
+
+def test_malformed_patch_level_is_a_tile_size_error():
+    from wsi_llava.data.tile_size import TileSizeError, attribute_tile_size
+
+    for bad in ("two", np.array([]), -1):
+        with pytest.raises(TileSizeError, match="patch_level"):
+            attribute_tile_size([("coords", {"patch_size": 256, "patch_level": bad})], "x.h5")

@@ -44,13 +44,15 @@ class TileSize:
     """Where it came from, for people: ``attribute patch_size_level0 (coords)``, ``coordinate spacing …``."""
 
 
-def _number(value, where: str, name: str) -> float:
+def _number(value, where: str, name: str, minimum_exclusive: bool = True) -> float:
+    """The attribute as a finite number > 0 (``minimum_exclusive=False``: >= 0), else :class:`TileSizeError`."""
     try:
         v = float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
     except (TypeError, ValueError, IndexError):
         v = math.nan
-    if not (math.isfinite(v) and v > 0):
-        raise TileSizeError(f"{where}: attribute {name!r} must be a positive number, got {value!r}")
+    if not (math.isfinite(v) and (v > 0 or (v == 0 and not minimum_exclusive))):
+        kind = "a positive number" if minimum_exclusive else "a number >= 0"
+        raise TileSizeError(f"{where}: attribute {name!r} must be {kind}, got {value!r}")
     return v
 
 
@@ -81,7 +83,7 @@ def attribute_tile_size(attrs: Sequence[tuple[str, Mapping]], where: str) -> Til
         if "patch_size" not in a:
             continue
         size = _number(a["patch_size"], where, "patch_size")
-        level = int(np.asarray(a.get("patch_level", 0)).reshape(-1)[0])
+        level = int(_number(a["patch_level"], where, "patch_level", minimum_exclusive=False)) if "patch_level" in a else 0
         if level <= 0:
             return TileSize(int(round(size)), f"attribute patch_size ({label})")
         if "downsample" in a:
@@ -110,18 +112,16 @@ def tile_size_rule(attrs: Sequence[tuple[str, Mapping]], coords: np.ndarray | No
 def read_tile_size(path: str | os.PathLike) -> TileSize:
     """The rule (module doc) for the slide H5 file at ``path``: attributes of the coordinate dataset
     (``coords`` or ``coords_yx``) and the file, then all its coordinates (read only when needed)."""
-    from .slide_checks import COORD_KEYS
-    from .slides import open_slide, slide_dataset
+    from . import h5safety
+    from .slide_checks import slide_datasets
+    from .slides import open_slide
 
     where = os.fspath(path)
     with open_slide(path) as f:  # checked: a regular file; links resolved inside the file only
-        found = next(((k, yx, d) for k, yx in COORD_KEYS if (d := slide_dataset(f, k)) is not None), None)
-        attrs = ([(found[0], dict(found[2].attrs))] if found else []) + [("file", dict(f.attrs))]
-        size = attribute_tile_size(attrs, where)
+        _, ds, key, yx = slide_datasets(f, where)  # the slide readers' own layout and storage checks
+        size = attribute_tile_size([(key, dict(ds.attrs)), ("file", dict(f.attrs))], where)
         if size is not None:
             return size
-        coords = None
-        if found is not None and found[2].ndim == 2 and found[2].shape[1] == 2:
-            coords = np.asarray(found[2][()], dtype=np.float64)
-            coords = coords[:, ::-1] if found[1] else coords
-    return tile_size_rule([], coords, where)
+        h5safety.check_read_size(where, key, ds.shape[0], 2 * ds.dtype.itemsize)
+        coords = np.asarray(ds[()], dtype=np.float64)
+    return tile_size_rule([], coords[:, ::-1] if yx else coords, where)
