@@ -63,7 +63,7 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
     ``slide_loader``: ``path -> Slide`` instead of the model's own (picklable for ``slide_reader:
     process``)."""
     server = SlideServer(config, assistant, slide_loader)
-    images = SlideImages(server.root, timeout=config.slide_timeout)
+    images = SlideImages(server.root, timeout=config.slide_timeout, resolve=server.names.resolve)
     static = {name: (resources.files("wsi_llava") / "static" / name).read_bytes() for name in STATIC_FILES}
 
     @asynccontextmanager
@@ -166,7 +166,7 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
     @v1.get("/slides/{ref:path}/tiles")
     async def slide_tiles(ref: str):
         sref, slide, key = await server.open_slide(ref)
-        size, source = await server.tile_size(sref, key)
+        size, source = await server.tile_size(sref, slide, key)
         return {"id": sref.id, "object": "slide.tiles", "n_total": int(slide.n_total), "n_used": int(len(slide.coords)),
                 "tile_size": size, "tile_size_source": source, "coords": rounded_coords(slide.coords),
                 "image": await images.image_of(sref.id)}
@@ -183,7 +183,7 @@ def create_app(config: ServeConfig, assistant: SlideAssistant | None = None, sli
     @v1.get("/slides/{ref:path}")
     async def slide_info(ref: str):
         sref, slide, key = await server.open_slide(ref)
-        size, source = await server.tile_size(sref, key)
+        size, source = await server.tile_size(sref, slide, key)
         return {"id": sref.id, "object": "slide", "n_total": int(slide.n_total), "n_used": int(len(slide.coords)),
                 "dim": int(slide.features.shape[1]), "tile_size": size, "tile_size_source": source}
 

@@ -89,8 +89,12 @@ class SlideImages:
     the encoded-tile cache; ``open_slides``: slides kept open."""
 
     def __init__(self, root: str, workers: int = 4, timeout: float = 30.0, tile_cache_items: int = 4096,
-                 tile_cache_bytes: int = 128 * 2**20, open_slides: int = 16):
+                 tile_cache_bytes: int = 128 * 2**20, open_slides: int = 16,
+                 resolve: Callable[[str], SlideRef] | None = None):
+        """``resolve``: slide reference → :class:`SlideRef` (the server's :class:`~.names.SlideNames`, so
+        stems and barcodes work here too); default :func:`~.security.resolve_slide` under ``root``."""
         self.root, self.workers, self.timeout = root, int(workers), float(timeout)
+        self.resolve = resolve or (lambda ref: resolve_slide(root, ref))
         self.tiles: LRUCache[bytes] = LRUCache(tile_cache_items, tile_cache_bytes, len)
         self._open: LRUCache[DeepZoom] = LRUCache(open_slides, open_slides, lambda _: 1)
         self._sources: LRUCache[str] = LRUCache(4096, 4096, lambda _: 1)
@@ -103,15 +107,9 @@ class SlideImages:
     def find(self, ref: str) -> SlideImage:
         """Blocking: the raw slide image of slide id ``ref`` (see the module doc); ApiError 400 for a
         malformed id, 404 ``slide_not_found`` / ``slide_image_not_found``."""
-        ref = check_ref_syntax(ref)
-        if ref.lower().endswith(IMAGE_SUFFIXES):
-            return self._image(ref, resolve_file(self.root, ref, IMAGE_SUFFIXES))
-        try:
-            h5 = resolve_slide(self.root, ref)
-        except ApiError as e:
-            if e.status != 404:
-                raise
-            return self._image(ref, resolve_file(self.root, ref, IMAGE_SUFFIXES))  # a raw slide id without suffix
+        h5 = self.resolve(check_ref_syntax(ref))
+        if h5.raw:  # the id is the raw slide itself (with or without its suffix)
+            return self._image(h5.id, h5)
         named = self._named_source(h5)
         if named is not None:
             return self._image(h5.id, named)

@@ -18,12 +18,13 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
+from ..data.resolve import H5_SUFFIXES
 from ..data.wsi_reader import SLIDE_SUFFIXES as RAW_SLIDE_SUFFIXES
 from ..data.wsi_reader import is_raw_slide
 from .errors import ApiError
 
 #: suffixes of slide H5 files (dropped from their ids), tried first for a reference without a suffix
-SLIDE_SUFFIXES = (".h5", ".hdf5")
+SLIDE_SUFFIXES = H5_SUFFIXES
 #: every suffix served as a slide: H5 files, then raw slides (their features extracted on first use)
 SERVED_SUFFIXES = SLIDE_SUFFIXES + RAW_SLIDE_SUFFIXES
 #: longest slide reference accepted (characters)

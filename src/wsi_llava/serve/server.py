@@ -170,18 +170,18 @@ class SlideServer:
                         (f" recently; it is not tried again for {t:g} s" if again else "; the read was abandoned"),
                         code="slide_timeout", param="slide")
 
-    async def tile_size(self, ref: SlideRef, key: tuple) -> tuple[float | None, str]:
+    async def tile_size(self, ref: SlideRef, slide: Slide, key: tuple) -> tuple[float | None, str]:
         """``(size, source)``: the slide's tile side in level-0 px by the one rule of
         :mod:`wsi_llava.data.tile_size` (H5 attributes, else the coordinate spacing) and where it came from;
         ``(None, why)`` when the rule finds none (a single tile without attributes). Cached per file version;
-        call after :meth:`load_slide` (the file, or a raw slide's cache entry, was read once already)."""
+        ``slide``: as :meth:`load_slide` returned it (its ``path`` is the file read: the H5, or a raw slide's
+        cache entry)."""
         found = self.tile_sizes.get(key)
         if found is None:
             def rule() -> tuple[float | None, str]:
-                path = self.features.entry(ref.path) if ref.raw else ref.path
                 try:
-                    size = read_tile_size(path)
-                except TileSizeError as e:
+                    size = read_tile_size(slide.path)
+                except (TileSizeError, SlideError) as e:
                     return None, self._public(str(e), ref)
                 return float(size.size), size.source
 
