@@ -267,3 +267,18 @@ def test_lora_adapter_of_a_resized_vocabulary_holds_no_embeddings(short_base, tm
     assert (tmp_path / "out" / saving.ADDED_NAME).is_file()
     unmerged, _ = load_wsi_llava(tmp_path / "out", merge_lora=False)
     assert torch.equal(logits(unmerged, batch), ref)
+
+
+def test_an_unloadable_full_folder_is_an_error_not_a_random_model(tiny_llm, tmp_path):
+    """A LoRA run over a full model folder saves its checkpoints in full with PEFT-wrapped LM tensors; loading
+    such a folder as a model would leave the LM at random: it is refused, naming the missing tensors."""
+    model, tok = trained(tiny_llm, freeze_language_model=False)
+    save(model, tok, tmp_path / "full")
+    again, _ = load_wsi_llava(tmp_path / "full")  # a full folder loads
+    set_trainable(again, ModelArguments(freeze_language_model=True),
+                  FinetuningArguments(finetuning_type="lora", lora_target="all", lora_rank=4))
+    assert hasattr(again.language_model, "peft_config")  # LoRA-wrapped
+    assert saving.save_trained(again, tmp_path / "lora_over_full") == "full"
+    tok.save_pretrained(tmp_path / "lora_over_full")
+    with pytest.raises(saving.WsiLlavaError, match="not in its weights"):
+        load_wsi_llava(tmp_path / "lora_over_full")

@@ -285,7 +285,13 @@ def load_trained(folder: str | os.PathLike, model_cls, dtype: torch.dtype | None
     folder = Path(folder)
     dtype = dtype or torch.float32
     if not is_parts_folder(folder):
-        model = model_cls.from_pretrained(folder, dtype=dtype)
+        model, loading = model_cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+        missing = loading.get("missing_keys") or []
+        if missing:  # e.g. a checkpoint of a LoRA run over a full folder: its LM tensors are PEFT-wrapped
+            raise WsiLlavaError(f"{folder}: {len(missing)} tensor(s) of the model are not in its weights (e.g. "
+                                f"{sorted(missing)[:3]}); it cannot be loaded as a model (a checkpoint of a LoRA run "
+                                "over a full model folder resumes training, but loads only from the run's final "
+                                "output)")
         plain_lm(model).config.name_or_path = str(folder)  # the LM's weights are this folder's
         return model
     info = read_parts(folder)
