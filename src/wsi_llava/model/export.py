@@ -69,11 +69,11 @@ def _tower_prefix(keys, where: str) -> str:
 def read_tower_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The slide encoder's tensors of a checkpoint (see the module docstring), prefix removed. A trained
     folder that refers to its frozen tower's file (:mod:`~wsi_llava.model.saving`) is read from that file."""
-    from .saving import is_parts_folder, read_parts
+    from .saving import is_parts_folder, read_parts, referenced_tower
 
     path = Path(path)
     if path.is_dir() and is_parts_folder(path) and "vision_tower" in (info := read_parts(path)):
-        return read_tower_weights(info["vision_tower"]["path"])
+        return read_tower_weights(referenced_tower(path, info["vision_tower"]))
     files = _weight_files(path)
     if all(f.suffix == ".safetensors" for f in files):
         from safetensors import safe_open

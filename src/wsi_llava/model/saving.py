@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import WsiLlavaError
 from ..fileio import sha256_file
+from .weights import mismatch_report
 
 logger = logging.getLogger(__name__)
 
@@ -236,15 +237,13 @@ def apply_parts(model, folder: str | os.PathLike) -> None:
     parts = load_file(str(folder / WEIGHTS_NAME), device="cpu")
     if sorted(parts) != sorted(info["parts"]):
         raise WsiLlavaError(f"{folder / WEIGHTS_NAME}: its tensors differ from those {PARTS_NAME} lists")
-    own = model.state_dict()
     referenced = "vision_tower" in info  # loaded from its own file by load_trained
-    missing = [k for k in own if k not in parts and not k.startswith(LM_PREFIX)
-               and not (referenced and k.startswith(TOWER_PREFIX))]
-    unexpected = [k for k in parts if k not in own]
-    shapes = [k for k in parts if k in own and tuple(parts[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise WsiLlavaError(f"{folder}: the saved parts do not fit the model (missing {missing[:5]}, unexpected "
-                            f"{unexpected[:5]}, other shapes {shapes[:5]}); was the config changed?")
+    # what the parts must hold: every tensor outside the LM (but a referenced tower), and the LM tensors listed
+    expected = {k: v for k, v in model.state_dict().items()
+                if (k in parts or not k.startswith(LM_PREFIX)) and not (referenced and k.startswith(TOWER_PREFIX))}
+    problem = mismatch_report(expected, parts, str(folder / WEIGHTS_NAME), "the model (was the config changed?)")
+    if problem:
+        raise WsiLlavaError(problem)
     model.load_state_dict(parts, strict=False)
     added = folder / ADDED_NAME
     if added.is_file():
@@ -260,11 +259,9 @@ def apply_parts(model, folder: str | os.PathLike) -> None:
                     emb.weight[first:] = rows[name].to(emb.weight.dtype)
 
 
-def load_referenced_tower(model, folder: Path, ref: dict) -> None:
-    """Load the frozen slide tower a parts folder refers to from its file, checked against its sha256
-    (:class:`BaseModelError` naming the file when it is missing or changed), strictly."""
-    from .export import load_tower
-
+def referenced_tower(folder: str | os.PathLike, ref: dict) -> Path:
+    """The frozen slide tower file a parts folder refers to, checked against its sha256
+    (:class:`BaseModelError` naming the file when it is missing or changed)."""
     path = Path(ref["path"])
     if not path.is_file():
         raise BaseModelError(f"{folder} uses the frozen slide tower {path}, which is missing; put that file back, "
@@ -272,8 +269,20 @@ def load_referenced_tower(model, folder: Path, ref: dict) -> None:
     if file_checksum(path) != ref["sha256"]:
         raise BaseModelError(f"{folder} uses the frozen slide tower {path}, which has changed since (sha256 "
                              "differs); restore the original file")
-    encoder = load_tower(path, **model.config.vision_config.architecture())
-    model.vision_tower.load_state_dict(encoder.state_dict(), strict=True)
+    return path
+
+
+def load_referenced_tower(model, folder: Path, ref: dict) -> None:
+    """Load the frozen slide tower a parts folder refers to (:func:`referenced_tower`) into the model, strictly."""
+    from .export import read_tower_weights
+    from .slide_encoder import IGNORED_KEYS
+
+    path = referenced_tower(folder, ref)
+    sd = {k: v for k, v in read_tower_weights(path).items() if k not in IGNORED_KEYS}
+    problem = mismatch_report(model.vision_tower.state_dict(), sd, str(path), "the model's slide tower")
+    if problem:
+        raise WsiLlavaError(problem)
+    model.vision_tower.load_state_dict(sd, strict=True)
     setattr(model, TOWER_SOURCE, path)
 
 
