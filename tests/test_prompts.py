@@ -98,3 +98,13 @@ def test_generation_prompt_with_history(tok):
     assert all(label == IGNORE_INDEX for label in ex.labels)
     marked = [t for t, m in zip(ex.input_ids, ex.question_mask) if m]
     assert tok.decode(marked).strip() == "And the grade?"
+
+
+def test_the_builder_takes_the_system_prompt_literally(tok):
+    """The ``default`` sentinel is a config value, resolved where configs are read (training, the engine);
+    a serve client's system message that says "default" stays that text."""
+    from wsi_llava.data.prompts import DEFAULT_SYSTEM_PROMPT
+
+    assert PromptBuilder(tok, 4, 512, "default").system_prompt == "default"
+    assert PromptBuilder(tok, 4, 512, "").system_prompt is None
+    assert PromptBuilder(tok, 4, 512).system_prompt == DEFAULT_SYSTEM_PROMPT

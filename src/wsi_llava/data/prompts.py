@@ -99,7 +99,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.num_image_tokens = int(num_image_tokens)
         self.cutoff_len = int(cutoff_len)
-        self.system_prompt = resolve_system_prompt(system_prompt)
+        self.system_prompt = system_prompt or None
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise PromptError(f"the tokenizer has no {IMAGE_TOKEN} token; add it as a special token first")

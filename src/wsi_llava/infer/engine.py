@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data.collate import SlideCollator
-from ..data.prompts import Example, PromptBuilder
+from ..data.prompts import Example, PromptBuilder, resolve_system_prompt
 from ..data.slides import Slide, load_slide, read_slide_meta
 from ..data.tower_cache import CachedSlide
 from ..model.wsi_llava import load_wsi_llava
@@ -45,16 +45,14 @@ class SlideAssistant:
                  cutoff_len: int = 8192, tower_cache: str | Path | None = None, precision: Precision | None = None):
         """``tower_cache``: a folder written by ``wsi-llava encode`` with the model's tower; slides are then
         read from it by ``slide_id`` (``load(path, slide_id=...)``) and the tower is not run.
-        ``precision``: half precision runs the model under autocast (weights stay float32); None = float32."""
-        from ..data.prompts import DEFAULT_SYSTEM_PROMPT
-
+        ``precision``: half precision runs the model under autocast (weights stay float32); None = float32.
+        ``system_prompt``: ``default`` = the built-in prompt, None or empty = none, else the text."""
         self.model = model.eval()
         self.precision = precision or resolve_precision("fp32")
         self.tokenizer = tokenizer
         self.patches_per_wsi = patches_per_wsi
-        if system_prompt == "default":
-            system_prompt = DEFAULT_SYSTEM_PROMPT
-        self.builder = PromptBuilder(tokenizer, model.config.num_image_tokens, cutoff_len, system_prompt)
+        self.builder = PromptBuilder(tokenizer, model.config.num_image_tokens, cutoff_len,
+                                     resolve_system_prompt(system_prompt))
         self.collator = SlideCollator(tokenizer.pad_token_id, padding_side="left")
         self.tower_cache = None
         if tower_cache:

@@ -14,7 +14,7 @@ from ..config import ConfigError, TrainConfig, arguments_for
 from ..data.collate import SlideCollator
 from ..data.dataset import SlideQADataset, require_h5
 from ..data.manifest import Record, load_manifest
-from ..data.prompts import PromptBuilder
+from ..data.prompts import PromptBuilder, resolve_system_prompt
 from ..data.slides import read_slide_meta
 from ..model.configuration import SlideEncoderConfig, WsiLlavaConfig
 from ..model.saving import TOWER_SOURCE, save_trained
@@ -265,7 +265,7 @@ def run_sft(cfg: TrainConfig) -> Path:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("trainable parameters: %d of %d", n_train, sum(p.numel() for p in model.parameters()))
     builder = PromptBuilder(tokenizer, model.config.num_image_tokens, cfg.data.cutoff_len,
-                            cfg.model.system_prompt or None)
+                            resolve_system_prompt(cfg.model.system_prompt))
     tower_cache = None
     if cfg.model.tower_cache:  # precomputed tower outputs (`wsi-llava encode`), checked against the model's tower
         from ..data.tower_cache import cache_for_model
