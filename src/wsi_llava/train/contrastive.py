@@ -277,12 +277,7 @@ def run_contrastive(cfg: TrainConfig) -> Path:
                                  callbacks=[EpochCallback(train_ds)], checkpoint_limit=checkpoint_limit)
     checkpoint, end = trainer.find_resume_at_end(resume)
     if end is not None:  # nothing left to train
-        step = checkpoint_step(checkpoint)
-        marker = final.read_marker(out_dir)
-        if marker is not None and int(marker["step"]) == step:
-            logger.info("run already complete: %s holds the final model of step %d; nothing left to train "
-                        "(max_steps %d; config changed since: %s); nothing to do", out_dir, step, end,
-                        final.config_changes(marker.get("config", {}), identity) or "nothing that matters")
+        if final.already_final(out_dir, checkpoint_step(checkpoint), end, identity):
             return out_dir
         _finish_without_training(trainer, cfg, out_dir, Path(checkpoint), end, feature_dim)
         return out_dir

@@ -110,6 +110,18 @@ def read_marker(out_dir: str | os.PathLike) -> dict | None:
     return marker
 
 
+def already_final(out_dir: str | os.PathLike, step: int, max_steps: int, identity: dict) -> bool:
+    """Whether ``out_dir`` holds the final model of ``step`` already (a valid marker of that step): then there
+    is nothing to do, which is logged with the config keys changed since."""
+    marker = read_marker(out_dir)
+    if marker is None or int(marker["step"]) != step:
+        return False
+    logger.info("run already complete: %s holds the final model of step %d; nothing left to train (max_steps %d; "
+                "config changed since: %s); nothing to do", out_dir, step, max_steps,
+                config_changes(marker.get("config", {}), identity) or "nothing that matters")
+    return True
+
+
 def write_marker(out_dir: str | os.PathLike, step: int, max_steps: int, identity: dict, files: list[str]) -> dict:
     """Write ``run_complete.json`` atomically (temporary file, fsync, rename, fsync the folder)."""
     out_dir = Path(out_dir)

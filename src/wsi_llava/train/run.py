@@ -308,11 +308,7 @@ def _finish_without_training(trainer, model, tokenizer, cfg: TrainConfig, out_di
     from transformers.trainer import TRAINER_STATE_NAME
 
     step = checkpoint_step(checkpoint)
-    marker = final.read_marker(out_dir)
-    if marker is not None and int(marker["step"]) == step:
-        logger.info("run already complete: %s holds the final model of step %d; nothing left to train (max_steps "
-                    "%d; config changed since: %s); nothing to do", out_dir, step, max_steps,
-                    final.config_changes(marker.get("config", {}), identity) or "nothing that matters")
+    if final.already_final(out_dir, step, max_steps, identity):
         return
     state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
     weights = final.final_weights(checkpoint, state.best_model_checkpoint, trainer.args.load_best_model_at_end)
