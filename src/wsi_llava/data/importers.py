@@ -316,7 +316,7 @@ class SlideIndex:
     def match(self, slide_id: str) -> tuple[str | None, str]:
         """``(path, "")`` when exactly one file matches, else ``(None, reason)``."""
         try:
-            return str(self.resolver.resolve(slide_id)), ""
+            return str(self.resolver.resolve(slide_id, suggest=False)), ""  # thousands of ids: no scan each
         except (AmbiguousSlideError, SlideNotFoundError) as e:
             return None, str(e)
 

@@ -129,9 +129,10 @@ class SlideResolver:
         if self.patient_barcode and barcode and _PATIENT.match(barcode):
             yield "patient barcode", barcode, self.by_patient.get(barcode, [])
 
-    def resolve(self, name: str) -> Path:
+    def resolve(self, name: str, suggest: bool = True) -> Path:
         """The one file ``name`` means (module doc); raises :class:`AmbiguousSlideError` or
-        :class:`SlideNotFoundError`."""
+        :class:`SlideNotFoundError` (with close names when ``suggest``: a scan of every name, so callers
+        matching many names turn it off)."""
         name = str(name).strip()
         for step, key, found in self._steps(name):
             if len(found) == 1:
@@ -143,7 +144,8 @@ class SlideResolver:
                 raise AmbiguousSlideError(
                     f"slide {name!r} is ambiguous: {len(cands)} {self.what}s {self._where()} have the {step} "
                     f"{key}: {shown}; name one by its relative path", cands)
-        close = difflib.get_close_matches(name, list(self.by_stem) + list(self.by_path), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name, list(self.by_stem) + list(self.by_path), n=3, cutoff=0.6) \
+            if suggest else []
         close = list(dict.fromkeys(close))
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise SlideNotFoundError(f"no {self.what} for slide {name!r} {self._where()}{hint}", close)

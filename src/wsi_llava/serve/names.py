@@ -52,8 +52,8 @@ class SlideNames:
             missed = e
         try:
             try:
-                name = self.index().resolve(str(ref))
-            except SlideNotFoundError:
+                name = self.index().resolve(str(ref), suggest=False)
+            except SlideNotFoundError:  # maybe a file added since: a fresh index, close names only now
                 name = self.index(refresh=True).resolve(str(ref))
         except AmbiguousSlideError as e:
             raise ApiError(400, str(e), code="ambiguous_slide", param="slide") from None
